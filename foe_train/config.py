@@ -1,0 +1,166 @@
+"""Recipe schema: YAML recipes checked by pydantic, with base-recipe inheritance and
+dotted ``key=value`` overrides. Every error is one line naming the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe problem, phrased as one line: the field, what is wrong, the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """One model section serves both kinds: ``kind`` picks FoE or the stock MoE baseline."""
+
+    kind: Literal["foe", "moe"] = "foe"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 8
+    num_query_groups: int = 4
+    ffn_hidden_size: int = 128
+    num_experts: int = 8
+    moe_ffn_hidden_size: int = 32
+    moe_router_topk: int = 2
+    cluster_topk: int | None = None
+    moe_layer_freq: int | list[int] = 1
+    residual_sync: Literal["post_attention", "post_attention_and_moe"] = "post_attention"
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    router_pre_softmax: bool = True
+    balanced_routing: bool = False
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float | None = None
+    vocab_size: int = 256
+    seq_length: int = 64
+    rotary_base: int = 10000
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = True
+    untie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                "model.hidden_size must be divisible by model.num_attention_heads"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                "model.num_attention_heads must be divisible by model.num_query_groups"
+            )
+        if self.moe_router_topk > self.num_experts:
+            raise ValueError("model.moe_router_topk must not exceed model.num_experts")
+        return self
+
+    def layer_is_moe(self, layer: int) -> bool:
+        """megatron-core's moe_layer_freq: an int N makes every N-th layer MoE, a list is 1/0."""
+        if isinstance(self.moe_layer_freq, int):
+            return layer % self.moe_layer_freq == 0
+        return bool(self.moe_layer_freq[layer])
+
+
+class ParallelConfig(_Section):
+    """FoE world = data x clusters x ranks_per_cluster; the MoE baseline uses the same ranks."""
+
+    data: int = 1
+    clusters: int = 1
+    ranks_per_cluster: int = 1
+    expert_parallel: int | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.data * self.clusters * self.ranks_per_cluster
+
+
+class RecipeConfig(_Section):
+    """A whole recipe; sections beyond model and parallel are added by the training layer."""
+
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    seed: int = 1234
+
+
+def cluster_topk(model: ModelConfig, clusters: int) -> int:
+    """Top-k of each cluster's router: explicit, or the baseline k split evenly (C*k_c = k)."""
+    if model.cluster_topk is not None:
+        return model.cluster_topk
+    if model.moe_router_topk % clusters:
+        raise ConfigError(
+            f"model.cluster_topk: moe_router_topk={model.moe_router_topk} is not divisible by "
+            f"parallel.clusters={clusters}; set model.cluster_topk explicitly"
+        )
+    return model.moe_router_topk // clusters
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config: file {path} does not exist; pass an existing recipe path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml((path.parent / base).resolve()), data)
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. model.num_layers=4")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown key; remove it or fix its spelling"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{field}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else msg
+
+
+def build_config(data: dict, schema: type[BaseModel] = RecipeConfig) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None,
+    schema: type[BaseModel] = RecipeConfig,
+) -> Any:
+    """Read a recipe (following ``base:``), apply overrides, validate against ``schema``."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    return build_config(apply_overrides(data, overrides or []), schema)

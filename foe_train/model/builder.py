@@ -1,0 +1,146 @@
+"""Build the GPT model of a recipe: FoE (clusters of FoELayer) or the stock megatron-core MoE
+baseline, from one model section. Embedding, rotary, final norm and output layer are ordinary
+GPTModel parts, replicated on every cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from foe_train.compat import apply_cpu_compat
+from foe_train.config import ModelConfig, cluster_topk
+from foe_train.model.layer import BalancedTopKRouter, FoELayer
+from foe_train.topology import Topology
+
+
+def transformer_config(
+    model: ModelConfig, clusters: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """megatron TransformerConfig of one cluster (clusters=1: the whole baseline model)."""
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads // clusters,
+        num_query_groups=model.num_query_groups // clusters,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size // clusters,
+        num_moe_experts=model.num_experts // clusters,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=cluster_topk(model, clusters) if clusters > 1 else model.moe_router_topk,
+        moe_layer_freq=model.moe_layer_freq,
+        moe_token_dispatcher_type=model.token_dispatcher,
+        moe_router_pre_softmax=model.router_pre_softmax,
+        moe_aux_loss_coeff=model.aux_loss_coeff,
+        moe_z_loss_coeff=model.z_loss_coeff,
+        expert_model_parallel_size=ep,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+    )
+
+
+def _layer_spec(model: ModelConfig, layer: int, experts: int) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(
+        num_experts=experts if model.layer_is_moe(layer) else None,
+        moe_grouped_gemm=False,
+        normalization="RMSNorm",
+    )
+    if model.balanced_routing and model.layer_is_moe(layer):
+        mlp = spec.submodules.mlp
+        mlp.submodules = dataclasses.replace(mlp.submodules, router=BalancedTopKRouter)
+    return spec
+
+
+def block_spec(model: ModelConfig, topo: Topology, dtype: torch.dtype) -> TransformerBlockSubmodules:
+    """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE."""
+    if topo.kind == "moe":
+        specs = [_layer_spec(model, i, model.num_experts) for i in range(model.num_layers)]
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
+    params = {
+        "cluster_config": transformer_config(model, topo.clusters, topo.ranks_per_cluster, dtype),
+        "cluster_pg_collection": topo.cluster_pg_collection(),
+        "federation": topo.groups["federation"],
+        "residual_sync": model.residual_sync,
+    }
+    specs = []
+    for i in range(model.num_layers):
+        stock = _layer_spec(model, i, model.num_experts // topo.clusters)
+        specs.append(ModuleSpec(module=FoELayer, submodules=stock.submodules, params=params))
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
+
+
+def build_model(
+    model: ModelConfig, topo: Topology, seed: int = 1234, dtype: torch.dtype = torch.float32
+) -> GPTModel:
+    """The rank's GPTModel. Seeds so that shared weights are identical on every rank and
+    expert weights depend on the expert's global index only, whatever the topology."""
+    apply_cpu_compat()
+    if parallel_state._GLOBAL_MEMORY_BUFFER is None:
+        parallel_state._set_global_memory_buffer()
+    ep_rank = dist.get_rank(topo.cluster_pg_collection().ep)
+    model_parallel_cuda_manual_seed(seed, tp_rank=0, ep_rank=ep_rank, etp_rank=0)
+    torch.manual_seed(seed)
+    config = transformer_config(model, 1, topo.expert_parallel, dtype)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(model, topo, dtype),
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        pg_collection=topo.cluster_pg_collection(),
+    )
+    init_weights(gpt, model, topo, seed)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def global_name(name: str, topo: Topology, experts_per_rank: int) -> str:
+    """A parameter's name independent of where it lives: local expert j on expert-rank l
+    becomes the cluster's expert l*experts_per_rank + j, prefixed by the cluster for FoE."""
+    if ".local_experts." in name:
+        head, tail = name.split(".local_experts.")
+        j, rest = tail.split(".", 1)
+        l = dist.get_rank(topo.cluster_pg_collection().ep)
+        name = f"{head}.local_experts.{l * experts_per_rank + int(j)}.{rest}"
+    return f"cluster{topo.cluster}/{name}" if topo.kind == "foe" and "decoder.layers." in name else name
+
+
+def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -> None:
+    """Re-draw every weight from a generator keyed by its global name, so an expert gets the
+    same weights whichever rank holds it, and shared weights agree on every rank."""
+    experts = model.num_experts // (topo.clusters if topo.kind == "foe" else 1)
+    per_rank = experts // topo.expert_parallel
+    out_std = model.init_method_std / math.sqrt(2.0 * model.num_layers)
+    with torch.no_grad():
+        for name, param in gpt.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+                continue
+            key = global_name(name, topo, per_rank)
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+            std = out_std if ("linear_proj" in name or "linear_fc2" in name) else model.init_method_std
+            param.copy_(torch.randn(param.shape, generator=gen) * std)

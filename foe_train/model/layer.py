@@ -1,0 +1,128 @@
+"""The FoE transformer layer (DESIGN §1) as a megatron-core TransformerLayer subclass.
+
+A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
+G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
+the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums,
+which are megatron's tensor-parallel autograd pair applied to the federation group:
+``copy`` (forward identity, backward all-reduce) where the replicated residual enters cluster
+work, ``reduce`` (forward all-reduce, backward identity) where cluster outputs rejoin it.
+
+In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers; it
+travels concatenated to the residual as a [s, b, 2d] hidden state. Layer 0 receives [s, b, d]
+(m = 0) and the last layer folds the pending outputs back in, so GPTModel and TransformerBlock
+see ordinary [s, b, d] tensors at their boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region as copy_to_federation,
+)
+from megatron.core.tensor_parallel.mappings import (
+    reduce_from_tensor_model_parallel_region as reduce_from_federation,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+
+class FoELayer(TransformerLayer):
+    """One cluster's share of an FoE layer; built by spec with the cluster's own config."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Any,
+        layer_number: int = 1,
+        hidden_dropout: float | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        vp_stage: int | None = None,
+        *,
+        cluster_config: TransformerConfig,
+        cluster_pg_collection: ProcessGroupCollection,
+        federation: torch.distributed.ProcessGroup,
+        residual_sync: str,
+    ) -> None:
+        # The block hands every layer the model-wide config and groups; a cluster layer is built
+        # from its own (H/C heads, G/C KV heads, E/C experts, cluster-EP group) instead.
+        super().__init__(
+            config=cluster_config,
+            submodules=submodules,
+            layer_number=layer_number,
+            hidden_dropout=hidden_dropout,
+            pg_collection=cluster_pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.federation = federation
+        self.residual_sync = residual_sync
+        self.is_last = self.layer_number == config.num_layers
+
+    def _attention(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out, bias = self.self_attention(
+            self.input_layernorm(x),
+            attention_mask=kwargs.get("attention_mask"),
+            inference_context=kwargs.get("inference_context"),
+            rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+            rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+            rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+            attention_bias=kwargs.get("attention_bias"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+            sequence_len_offset=kwargs.get("sequence_len_offset"),
+        )
+        return out if bias is None else out + bias
+
+    def _mlp(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        x = self.pre_mlp_layernorm(copy_to_federation(h, self.federation))
+        if self.is_moe_layer:
+            out, bias = self.mlp(x, padding_mask=kwargs.get("padding_mask"))
+        else:
+            out, bias = self.mlp(x)
+        return out if bias is None else out + bias
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        d = self.config.hidden_size
+        fed = self.federation
+        if self.residual_sync == "post_attention_and_moe":
+            h = hidden_states + reduce_from_federation(
+                self._attention(copy_to_federation(hidden_states, fed), kwargs), fed
+            )
+            return h + reduce_from_federation(self._mlp(h, kwargs), fed), None
+
+        if hidden_states.shape[-1] == 2 * d:
+            h, pending = hidden_states[..., :d], hidden_states[..., d:]
+        else:
+            h, pending = hidden_states, None
+        stream = copy_to_federation(h, fed)
+        if pending is not None:
+            stream = stream + pending
+        delta = self._attention(stream, kwargs)
+        if pending is not None:
+            delta = delta + pending
+        h = h + reduce_from_federation(delta, fed)
+        moe_out = self._mlp(h, kwargs)
+        if self.is_last:
+            return h + reduce_from_federation(moe_out, fed), None
+        return torch.cat([h, moe_out], dim=-1), None
+
+
+class BalancedTopKRouter(TopKRouter):
+    """Round-robin routing for communication measurement: token i of a rank goes to experts
+    (i*k + j) mod E, so every expert receives exactly T*k/E tokens from every rank and the
+    all-to-all volume is the formula's, not the learned router's whim. Probabilities are still
+    the router's softmax at the chosen experts, so gradients flow as usual."""
+
+    def routing(
+        self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_experts = self.config.num_moe_experts
+        logits = logits.view(-1, num_experts)
+        tokens = logits.shape[0]
+        slots = torch.arange(tokens).unsqueeze(1) * self.topk + torch.arange(self.topk)
+        routing_map = torch.zeros(tokens, num_experts, dtype=torch.bool)
+        routing_map.scatter_(1, slots % num_experts, True)
+        scores = torch.softmax(logits.float(), dim=-1).type_as(logits)
+        return scores * routing_map, routing_map

@@ -1,0 +1,28 @@
+"""foe-train: training and serving Federation-of-Experts language models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="foe-train",
+    version="0.1.0",
+    description="Federation of Experts (FoE) training and serving on megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["foe_train", "foe_train.*", "launch", "launch.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "einops",
+        "numpy",
+        "pyyaml",
+        "pydantic>=2",
+    ],
+    extras_require={
+        "cpu": ["torch==2.13.0"],
+        "dev": ["pytest", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [
+            "foe-bench=foe_train.cli:bench_main",
+        ]
+    },
+)
