@@ -1,0 +1,8 @@
+"""foe-train: Federation-of-Experts language models on megatron-core."""
+
+import warnings
+
+# megatron-core warns at import about optional accelerators (apex, TE, absl) that CPU runs do
+# without; keep users' terminals and one-line errors readable.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")

@@ -144,3 +144,65 @@ def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
             std = out_std if ("linear_proj" in name or "linear_fc2" in name) else model.init_method_std
             param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def _global_names(gpt: torch.nn.Module, model: ModelConfig, topo: Topology):
+    experts = model.num_experts // (topo.clusters if topo.kind == "foe" else 1)
+    per_rank = experts // topo.expert_parallel
+    for name, param in gpt.named_parameters():
+        yield global_name(name.removeprefix("module."), topo, per_rank), param
+
+
+def count_parameters(gpt: torch.nn.Module, model: ModelConfig, topo: Topology) -> int:
+    """Total parameters of the whole model over all ranks, each weight counted once."""
+    local = {name: param.numel() for name, param in _global_names(gpt, model, topo)}
+    everything: list[object] = [None] * topo.world_size
+    dist.all_gather_object(everything, local)
+    merged: dict[str, int] = {}
+    for part in everything:
+        merged.update(part)
+    return sum(merged.values())
+
+
+def gather_cluster_state_dicts(
+    gpt: torch.nn.Module, model: ModelConfig, topo: Topology, grads: bool = False
+) -> list[dict[str, torch.Tensor]] | None:
+    """Every cluster's full state (or gradients) in megatron key names, experts numbered
+    within the cluster, on rank 0 (None elsewhere). Shared weights appear in every cluster."""
+    local = {}
+    for name, param in _global_names(gpt, model, topo):
+        value = getattr(param, "main_grad", None) if grads else param
+        if grads and value is None:
+            value = param.grad
+        local[name] = value.detach().float().cpu().clone()
+    everything: list[object] = [None] * topo.world_size
+    dist.all_gather_object(everything, local)
+    if topo.rank != 0:
+        return None
+    clusters = topo.clusters if topo.kind == "foe" else 1
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(clusters)]
+    for part in everything:
+        for key, value in part.items():
+            if key.startswith("cluster"):
+                prefix, name = key.split("/", 1)
+                out[int(prefix.removeprefix("cluster"))][name] = value
+            else:
+                for sd in out:
+                    sd[key] = value
+    return out
+
+
+def wrap_ddp(gpt: GPTModel, topo: Topology, distributed_optimizer: bool = False) -> torch.nn.Module:
+    """megatron DDP with FoE's reduction groups: dense and shared grads over the token-DP
+    group (same-cluster ranks), expert grads over the expert-DP group (DESIGN §4)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return DistributedDataParallel(
+        config=gpt.config, ddp_config=ddp_config, module=gpt,
+        pg_collection=topo.cluster_pg_collection(),
+    )

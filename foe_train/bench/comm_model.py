@@ -1,0 +1,103 @@
+"""DESIGN §3 as code: bytes each rank sends per step, by collective, for FoE and the baseline.
+
+Per rank with T tokens in its shard, hidden d, b bytes per element and balanced routing
+(every rank sends each expert-rank the same number of token copies):
+- FoE federated sum: a ring all-reduce of T*d*b over C clusters sends 2*(C-1)/C*T*d*b; once per
+  layer plus once after the last (post_attention), or twice per layer (post_attention_and_moe).
+  Backward: one all-reduce per copy into cluster work (two per layer in both modes).
+- All-to-all over P expert ranks on N nodes (FoE: P = L inside one node): dispatch and combine
+  each send T*k*d*b*(P-1)/P; megatron's dispatcher also sends the routing probabilities
+  (T*k*4*(P-1)/P, float32) and all-gathers each rank's per-expert token counts (E*8 bytes).
+  Of the token traffic a fraction (P - P/N)/P goes to other nodes.
+The communication accounting (bench.comm) counts the same quantities from the real calls; a test
+checks the two agree exactly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from fractions import Fraction
+
+from foe_train.config import ModelConfig, ParallelConfig, cluster_topk
+from foe_train.topology import expert_parallel_size
+
+PROB_BYTES = 4
+COUNT_BYTES = 8
+
+
+def _ring(n: int, nbytes: int) -> Fraction:
+    return Fraction(2 * (n - 1), n) * nbytes
+
+
+def _rank_traffic(
+    model: ModelConfig, parallel: ParallelConfig, world_size: int, nodes: int, rank: int,
+    tokens: int, elem_bytes: int, backward: bool,
+) -> dict[str, dict[str, Fraction]]:
+    out: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
+    d, layers = model.hidden_size, model.num_layers
+    moe_layers = sum(model.layer_is_moe(i) for i in range(layers))
+    per_node = world_size // nodes
+
+    def node(r: int) -> int:
+        return r // per_node
+
+    def add(op: str, calls: int, nbytes: Fraction, cross: Fraction) -> None:
+        if calls:
+            out[op]["calls"] += calls
+            out[op]["bytes"] += calls * nbytes
+            out[op]["cross_node_bytes"] += calls * cross
+
+    if model.kind == "foe":
+        C, L = parallel.clusters, parallel.ranks_per_cluster
+        P, k, E = L, cluster_topk(model, C), model.num_experts // C
+        ep_group = [rank - rank % L + i for i in range(L)]
+        if C > 1:
+            sums = layers + 1 if model.residual_sync == "post_attention" else 2 * layers
+            sums += 2 * layers if backward else 0
+            cluster = (rank // L) % C
+            successor = rank + L if cluster < C - 1 else rank - (C - 1) * L
+            nbytes = _ring(C, tokens * d * elem_bytes)
+            add("all_reduce", sums, nbytes, nbytes if node(successor) != node(rank) else 0 * nbytes)
+    else:
+        P = expert_parallel_size(parallel, world_size)
+        k, E = model.moe_router_topk, model.num_experts
+        ep_group = [rank - rank % P + i for i in range(P)]
+    if P > 1 and moe_layers:
+        remote = Fraction(P - 1, P)
+        cross = Fraction(sum(node(r) != node(rank) for r in ep_group), P)
+        token_bytes = tokens * k * d * elem_bytes
+        prob_bytes = tokens * k * PROB_BYTES
+        passes = 2 if backward else 1
+        add("all_to_all", 2 * moe_layers * passes, token_bytes * remote, token_bytes * cross)
+        add("all_to_all", moe_layers * passes, prob_bytes * remote, prob_bytes * cross)
+        meta = E * COUNT_BYTES * (P - 1)
+        ring_cross = node(ep_group[(ep_group.index(rank) + 1) % P]) != node(rank)
+        add("all_gather", moe_layers, Fraction(meta), Fraction(meta if ring_cross else 0))
+    return out
+
+
+def predict(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    world_size: int,
+    nodes: int,
+    tokens_per_rank: int,
+    elem_bytes: int = 4,
+    backward: bool = False,
+) -> dict[str, dict[str, int | float]]:
+    """Predicted {op: {bytes, cross_node_bytes, calls}} per rank (mean over the job's ranks)
+    for one forward (and backward) pass on tokens_per_rank tokens."""
+    total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
+    for rank in range(world_size):
+        traffic = _rank_traffic(
+            model, parallel, world_size, nodes, rank, tokens_per_rank, elem_bytes, backward
+        )
+        for op, vals in traffic.items():
+            for key, value in vals.items():
+                total[op][key] += Fraction(value) / world_size
+    return {op: {key: integral(v) for key, v in vals.items()} for op, vals in total.items()}
+
+
+def integral(value: Fraction) -> int | float:
+    """An exact count as int when whole, else float (for JSON)."""
+    return int(value) if value.denominator == 1 else float(value)

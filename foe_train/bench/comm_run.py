@@ -1,0 +1,83 @@
+"""Worker of ``foe-bench comm``: one forward (and backward) step of a recipe's model under the
+communication recorder, on every rank; rank 0 prints counted vs predicted bytes as JSON.
+Routing is forced to the balanced round-robin router so that the all-to-all volume is a
+function of the configuration, as the §3 formulas assume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+
+from foe_train.bench.comm import CommRecorder, gather_summaries
+from foe_train.bench.comm_model import integral, predict
+from foe_train.config import load_config
+from foe_train.model.builder import build_model
+from foe_train.topology import build_topology
+
+
+def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
+    total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
+    for summary in summaries:
+        for op, vals in summary.items():
+            for key in ("bytes", "cross_node_bytes", "calls"):
+                total[op][key] += Fraction(vals[key]) / len(summaries)
+    return {op: {k: integral(v) for k, v in vals.items()} for op, vals in total.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="foe-bench comm (worker)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--out")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    cfg = load_config(args.config, [*args.overrides, "model.balanced_routing=true"])
+    topo = build_topology(cfg.model, cfg.parallel)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype)
+    seq = cfg.model.seq_length
+    gen = torch.Generator().manual_seed(topo.token_shard)
+    tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, seq), generator=gen)
+    position = torch.arange(seq).unsqueeze(0).expand_as(tokens)
+    if cuda:
+        tokens, position = tokens.cuda(), position.cuda()
+    with CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec:
+        logits = gpt(tokens, position, None)
+        if args.backward:
+            logits.float().logsumexp(-1).mean().backward()
+    counted = mean_over_ranks(gather_summaries(rec, by="op"))
+    by_kind = gather_summaries(rec, by="op_kind")
+    spans: list[object] = [None] * topo.world_size
+    dist.all_gather_object(spans, sorted({(r.op, r.group_kind, r.spans_nodes) for r in rec.records}))
+    if topo.rank == 0:
+        nodes = len(set(topo.node_of_rank))
+        report = {
+            "counted": counted,
+            "predicted": predict(
+                cfg.model, cfg.parallel, topo.world_size, nodes,
+                tokens_per_rank=args.micro_batch * seq,
+                elem_bytes=torch.finfo(dtype).bits // 8, backward=args.backward,
+            ),
+            "by_kind": mean_over_ranks(by_kind),
+            "collectives": sorted({tuple(s) for per_rank in spans for s in per_rank}),
+            "topology": {"kind": topo.kind, "world_size": topo.world_size, "nodes": nodes},
+        }
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Launching foe-train jobs: torchrun on one or several (local) nodes."""
