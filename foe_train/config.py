@@ -116,7 +116,8 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config: {path} is not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping at top level")
     base = data.pop("base", None)

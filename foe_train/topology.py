@@ -150,7 +150,8 @@ class Topology:
             return (f"rank {self.rank} node {self.node}: MoE baseline, EP {self.expert_parallel}"
                     f" over {self.world_size} ranks")
         l = self.rank % self.ranks_per_cluster
-        return (f"rank {self.rank} node {self.node}: replica {self.rank // (self.clusters * self.ranks_per_cluster)}"
+        replica = self.rank // (self.clusters * self.ranks_per_cluster)
+        return (f"rank {self.rank} node {self.node}: replica {replica}"
                 f" cluster {self.cluster} expert-rank {l} (token shard {self.token_shard})")
 
 

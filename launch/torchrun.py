@@ -40,7 +40,8 @@ def run_local(
     or interrupt every agent is terminated."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                 **(env or {})}
-    procs = [subprocess.Popen(cmd, env=full_env) for cmd in torchrun_commands(module, args, nproc, nodes)]
+    commands = torchrun_commands(module, args, nproc, nodes)
+    procs = [subprocess.Popen(cmd, env=full_env) for cmd in commands]
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:

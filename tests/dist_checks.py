@@ -72,7 +72,8 @@ def oracle_check(cfg, topo) -> dict:
     ref_loss.backward()
     ref_grads = ref.megatron_grads()
     grad_err = {f"c{c}:{k}": rel(grads[c][k], g) for c in range(C) for k, g in ref_grads[c].items()}
-    full_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1)))
+    labels = data[:, 1:].reshape(-1)
+    full_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels))
     return {
         "logits_rel": rel(logits, ref_logits.detach()),
         "loss": full_loss, "ref_loss": float(ref_loss),
@@ -101,30 +102,62 @@ def shared_sync_check(cfg, topo, steps: int = 5) -> dict:
     return {"shared_identical": identical, "shared_params": sorted(shared)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--kind", default="foe")
-    ap.add_argument("--parallel", default="1,1,1", help="D,C,L (foe) or EP (moe)")
-    args = ap.parse_args()
-    dist.init_process_group("gloo")
+def same_function_check() -> dict:
+    """C = 1: FoE and the stock baseline loaded with the same weights compute the same logits
+    and gradients."""
+    models, outs = {}, {}
+    for kind in ("foe", "moe"):
+        cfg = RecipeConfig.model_validate({"model": dict(TINY, kind=kind)})
+        topo = build_topology(cfg.model, cfg.parallel)
+        models[kind] = build_model(cfg.model, topo, seed=cfg.seed)
+    models["moe"].load_state_dict(models["foe"].state_dict())
+    for kind, model in models.items():
+        loss, logits = loss_and_logits(model, batch())
+        loss.backward()
+        outs[kind] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (foe_logits, foe_grads), (moe_logits, moe_grads) = outs["foe"], outs["moe"]
+    return {
+        "logits_rel": rel(foe_logits, moe_logits),
+        "grad_rel_max": max(rel(foe_grads[n], moe_grads[n]) for n in moe_grads),
+        "same_names": sorted(foe_grads) == sorted(moe_grads),
+    }
+
+
+def run(kind: str, parallel: dict, modes: list) -> dict:
     results = {}
-    if args.kind == "foe":
-        D, C, L = (int(x) for x in args.parallel.split(","))
-        parallel = {"data": D, "clusters": C, "ranks_per_cluster": L}
-    else:
-        parallel = {"expert_parallel": int(args.parallel)}
-    for mode in (["post_attention", "post_attention_and_moe"] if args.kind == "foe" else [None]):
-        model = dict(TINY, kind=args.kind, **({"residual_sync": mode} if mode else {}))
+    for mode in modes:
+        model = dict(TINY, kind=kind, **({"residual_sync": mode} if mode else {}))
         cfg = RecipeConfig.model_validate({"model": model, "parallel": parallel})
         topo = build_topology(cfg.model, cfg.parallel)
         results[mode or "moe"] = oracle_check(cfg, topo)
         results[mode or "moe"].update(shared_sync_check(cfg, topo))
-    if args.kind == "foe":
-        for kind in ("foe", "moe"):
-            cfg = RecipeConfig.model_validate({"model": dict(TINY, kind=kind), "parallel": parallel})
+    if kind == "foe":
+        for other in ("foe", "moe"):
+            recipe = {"model": dict(TINY, kind=other), "parallel": parallel}
+            cfg = RecipeConfig.model_validate(recipe)
             topo = build_topology(cfg.model, cfg.parallel)
-            results[f"params_{kind}"] = count_parameters(build_model(cfg.model, topo), cfg.model, topo)
+            gpt = build_model(cfg.model, topo)
+            results[f"params_{other}"] = count_parameters(gpt, cfg.model, topo)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--foe", nargs="*", default=[], help="FoE topologies D,C,L")
+    ap.add_argument("--moe", nargs="*", default=[], type=int, help="baseline EP sizes")
+    ap.add_argument("--same-function", action="store_true")
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    results = {}
+    for spec in args.foe:
+        D, C, L = (int(x) for x in spec.split(","))
+        parallel = {"data": D, "clusters": C, "ranks_per_cluster": L}
+        results[f"foe:{spec}"] = run("foe", parallel, ["post_attention", "post_attention_and_moe"])
+    for ep in args.moe:
+        results[f"moe:{ep}"] = run("moe", {"expert_parallel": ep}, [None])
+    if args.same_function:
+        results["same_function"] = same_function_check()
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     counted = mean_over_ranks(gather_summaries(rec, by="op"))
     by_kind = gather_summaries(rec, by="op_kind")
     spans: list[object] = [None] * topo.world_size
-    dist.all_gather_object(spans, sorted({(r.op, r.group_kind, r.spans_nodes) for r in rec.records}))
+    mine = sorted({(r.op, r.group_kind, r.spans_nodes) for r in rec.records})
+    dist.all_gather_object(spans, mine)
     if topo.rank == 0:
         nodes = len(set(topo.node_of_rank))
         report = {

@@ -72,7 +72,9 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int) -> ModuleSpec:
     return spec
 
 
-def block_spec(model: ModelConfig, topo: Topology, dtype: torch.dtype) -> TransformerBlockSubmodules:
+def block_spec(
+    model: ModelConfig, topo: Topology, dtype: torch.dtype
+) -> TransformerBlockSubmodules:
     """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE."""
     if topo.kind == "moe":
         specs = [_layer_spec(model, i, model.num_experts) for i in range(model.num_layers)]
@@ -126,7 +128,9 @@ def global_name(name: str, topo: Topology, experts_per_rank: int) -> str:
         j, rest = tail.split(".", 1)
         l = dist.get_rank(topo.cluster_pg_collection().ep)
         name = f"{head}.local_experts.{l * experts_per_rank + int(j)}.{rest}"
-    return f"cluster{topo.cluster}/{name}" if topo.kind == "foe" and "decoder.layers." in name else name
+    if topo.kind == "foe" and "decoder.layers." in name:
+        return f"cluster{topo.cluster}/{name}"
+    return name
 
 
 def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -> None:
@@ -142,7 +146,8 @@ def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -
                 continue
             key = global_name(name, topo, per_rank)
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
-            std = out_std if ("linear_proj" in name or "linear_fc2" in name) else model.init_method_std
+            scaled = "linear_proj" in name or "linear_fc2" in name
+            std = out_std if scaled else model.init_method_std
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
