@@ -15,6 +15,10 @@ setup(
         "numpy",
         "pyyaml",
         "pydantic>=2",
+        "datasets",
+        "tokenizers",
+        "wandb",
+        "tqdm",
     ],
     extras_require={
         "cpu": ["torch==2.13.0"],

@@ -80,11 +80,71 @@ class ParallelConfig(_Section):
         return self.data * self.clusters * self.ranks_per_cluster
 
 
+class DataConfig(_Section):
+    """Training data: megatron indexed datasets (prefixes of .bin/.idx made by
+    foe-prepare-data). No prefixes: the embedded default corpus, prepared on first use."""
+
+    prefixes: list[str] = []
+    weights: list[float] | None = None
+    split: str = "98,2,0"
+    tokenizer: Literal["byte", "bpe", "hf"] = "byte"
+    tokenizer_path: str | None = None
+    cache_dir: str = "~/.cache/foe-train"
+
+
+class TrainingConfig(_Section):
+    """Budget and optimisation. Batch sizes count sequences; micro_batch_size is per token
+    shard, global_batch_size per optimizer step over all shards."""
+
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 10
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    eval_interval: int = 20
+    eval_iters: int = 2
+    distributed_optimizer: bool = False
+    recompute: bool = False
+    bf16: bool | None = None
+
+
+class CheckpointConfig(_Section):
+    interval: int = 0
+    keep: int = 2
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "foe-train"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = []
+    group: str | None = None
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs/{name}"
+    name: str = "run"
+    log_interval: int = 1
+    progress: bool = True
+    wandb: WandbConfig = WandbConfig()
+
+
 class RecipeConfig(_Section):
-    """A whole recipe; sections beyond model and parallel are added by the training layer."""
+    """A whole recipe: model, topology, data, optimisation, checkpoints, tracking."""
 
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
     seed: int = 1234
 
 

@@ -21,12 +21,25 @@ from foe_train.model.builder import build_model
 from foe_train.topology import build_topology
 
 
+# torch's tensor variants of a collective are one operation in the report and the formulas
+CANONICAL = {
+    "all_to_all_single": "all_to_all",
+    "all_gather_into_tensor": "all_gather",
+    "_all_gather_base": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "_reduce_scatter_base": "reduce_scatter",
+}
+
+
 def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
+    """Per-rank traffic averaged over ranks (exact), keyed by canonical op (and @kind)."""
     total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
     for summary in summaries:
-        for op, vals in summary.items():
+        for key_op, vals in summary.items():
+            op, _, kind = key_op.partition("@")
+            name = CANONICAL.get(op, op) + (f"@{kind}" if kind else "")
             for key in ("bytes", "cross_node_bytes", "calls"):
-                total[op][key] += Fraction(vals[key]) / len(summaries)
+                total[name][key] += Fraction(vals[key]) / len(summaries)
     return {op: {k: integral(v) for k, v in vals.items()} for op, vals in total.items()}
 
 
