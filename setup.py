@@ -19,6 +19,7 @@ setup(
         "tokenizers",
         "wandb",
         "tqdm",
+        "psutil",
     ],
     extras_require={
         "cpu": ["torch==2.13.0"],
@@ -26,7 +27,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "foe-train=foe_train.cli:train_main",
             "foe-bench=foe_train.cli:bench_main",
+            "foe-budget=foe_train.cli:budget_main",
+            "foe-prepare-data=foe_train.data.prepare:main",
         ]
     },
 )

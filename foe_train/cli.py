@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from foe_train.config import ConfigError, load_config
@@ -44,6 +45,71 @@ def bench_main(argv: list[str] | None = None) -> None:
     worker += ["--backward"] if args.backward else []
     worker += ["--out", args.out] if args.out else []
     sys.exit(run_local("foe_train.bench.comm_run", worker + args.overrides, args.nproc, args.nodes))
+
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    """foe-train --config PATH [--nproc N [--nodes M]] [--resume auto] [key=value ...]
+
+    Under torchrun (LOCAL_RANK set) this process trains; with --nproc it starts torchrun
+    itself for a run on this machine."""
+    ap = argparse.ArgumentParser(prog="foe-train")
+    ap.add_argument("--config")
+    ap.add_argument("--nproc", type=int)
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--resume")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    worker = ["--config", args.config] if args.config else []
+    worker += ["--resume", args.resume] if args.resume else []
+    worker += args.overrides
+    if args.nproc is None:
+        if "LOCAL_RANK" not in os.environ:
+            _fail("--nproc: not under torchrun; pass --nproc N to start N processes here")
+        from foe_train.train.loop import main
+
+        main(worker)
+        return
+    from launch.torchrun import run_local
+
+    sys.exit(run_local("foe_train.train", worker, args.nproc, args.nodes))
+
+
+def budget_main(argv: list[str] | None = None) -> None:
+    """foe-budget A.yaml B.yaml [--set-a key=value]... [--set-b key=value]...
+
+    Checks that two recipes are an identical-budget pair (DESIGN §1) before anyone compares
+    their results: prints both budgets side by side, exits 0 when they match, 1 naming the
+    fields that differ, 2 with one line on stderr when a recipe is bad."""
+    ap = argparse.ArgumentParser(
+        prog="foe-budget", description="compare the training budgets of two recipes"
+    )
+    ap.add_argument("a", help="first recipe (YAML)")
+    ap.add_argument("b", help="second recipe (YAML)")
+    ap.add_argument("--set-a", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override for the first recipe (repeatable)")
+    ap.add_argument("--set-b", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override for the second recipe (repeatable)")
+    args = ap.parse_args(argv)
+
+    from foe_train.budget import budget, compare, format_side_by_side
+
+    try:
+        a = budget(load_config(args.a, args.set_a))
+        b = budget(load_config(args.b, args.set_b))
+    except ConfigError as exc:
+        _fail(str(exc))
+    mismatches = compare(a, b)
+    print(format_side_by_side(args.a, a, args.b, b, mismatches))
+    if mismatches:
+        print(f"not an identical-budget pair: {', '.join(mismatches)} differ")
+        sys.exit(1)
+    print("identical-budget pair (within 1%, per-cluster norm params excepted)")
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ CPU generator, so forks and seeds behave deterministically.
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any
 
 import torch
@@ -63,6 +64,45 @@ def _move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = Fals
     return tensor
 
 
+def _on_cpu(factory: Any) -> Any:
+    def make(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
+        if device is not None and torch.device(device).type != "cuda":
+            kwargs["device"] = device
+        return factory(*args, **kwargs)
+
+    return make
+
+
+class _TorchOnCpu(types.ModuleType):
+    """The ``torch`` that megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer}
+    and megatron.core.utils see: those modules allocate their scalars (loss scale, found_inf, grad-norm buffers) with
+    device='cuda'; here the same calls allocate on the CPU. Everything else is plain torch."""
+
+    tensor = staticmethod(_on_cpu(torch.tensor))
+    zeros = staticmethod(_on_cpu(torch.zeros))
+    ones = staticmethod(_on_cpu(torch.ones))
+    empty = staticmethod(_on_cpu(torch.empty))
+    full = staticmethod(_on_cpu(torch.full))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _clip_by_total_norm(
+    parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+) -> None:
+    """clip_grads.clip_grad_by_total_norm_fp32, which asserts torch.cuda.FloatTensor grads."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                grad.detach().mul_(coeff)
+
+
 def _causal_mask(sq: int) -> torch.Tensor:
     """transformer.utils.get_default_causal_mask, which allocates on device="cuda"."""
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -80,7 +120,10 @@ def apply_cpu_compat() -> bool:
         return False
     if _applied:
         return True
+    from megatron.core import utils as mc_utils
     from megatron.core.fusions import fused_softmax
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as mc_optimizer
     from megatron.core.tensor_parallel import random as mc_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -106,6 +149,14 @@ def apply_cpu_compat() -> bool:
     token_dispatcher.maybe_move_tensor_to_cpu = _move_to_cpu
     # fused_softmax.FusedScaleMaskSoftmax.forward_torch_softmax -> get_default_causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
+    # optimizer.FP32Optimizer / MixedPrecisionOptimizer / DistributedOptimizer,
+    # clip_grads.get_grad_norm_fp32 and utils.local_multi_tensor_l2_norm (the fallback of
+    # apex's multi_tensor_l2norm) -> torch.tensor/zeros(..., device="cuda")
+    for module in (mc_optimizer, clip_grads, distrib_optimizer, mc_utils):
+        module.torch = _TorchOnCpu("torch")
+    # optimizer.ChainedOptimizer.step / MegatronOptimizer.clip_grad_norm -> clip_grad_by_total_norm_fp32
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+    mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     _applied = True
     return True
 

@@ -113,6 +113,19 @@ class TrainingConfig(_Section):
     recompute: bool = False
     bf16: bool | None = None
 
+    @model_validator(mode="after")
+    def _schedule(self) -> TrainingConfig:
+        if self.warmup_iters >= self.train_iters:
+            raise ValueError(
+                f"training.warmup_iters={self.warmup_iters} must be below training.train_iters="
+                f"{self.train_iters}; shorten the warmup"
+            )
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, training.lr]")
+        if min(self.micro_batch_size, self.global_batch_size, self.train_iters) < 1:
+            raise ValueError("training: batch sizes and train_iters must be positive")
+        return self
+
 
 class CheckpointConfig(_Section):
     interval: int = 0

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -145,6 +146,26 @@ class Topology:
             intra_dp_cp=dp, intra_expt_dp=expt_dp,
         )
 
+    def optimizer_pg_collection(self) -> ProcessGroupCollection:
+        """Groups for megatron's optimizer. Gradient-norm statistics reduce over the
+        federation (dense) and the replica (experts), so every cluster's parameters count
+        once; the shared weights' copies on clusters > 0 are marked duplicates (see
+        ``mark_shared_duplicates``)."""
+        pgc = self.cluster_pg_collection()
+        if self.kind == "foe":
+            pgc.mp = self.groups["federation"]
+            pgc.tp_ep_pp = self.groups["replica"]
+        pgc.intra_dist_opt = dist.group.WORLD
+        return pgc
+
+    def mark_shared_duplicates(self, model: torch.nn.Module) -> None:
+        """Weights every cluster holds a copy of (embedding, final norm, output layer) are
+        counted by cluster 0 only in gradient norms, megatron's ``param.shared`` convention."""
+        if self.kind == "foe" and self.cluster > 0:
+            for name, param in model.named_parameters():
+                if "decoder.layers." not in name:
+                    param.shared = True
+
     def describe(self) -> str:
         if self.kind == "moe":
             return (f"rank {self.rank} node {self.node}: MoE baseline, EP {self.expert_parallel}"
@@ -177,6 +198,7 @@ def build_topology(model: ModelConfig, parallel: ParallelConfig) -> Topology:
             "federation": grid.create_pg("fed"),
             "token_dp": grid.create_pg(["ep", "dp"]),
             "expert_dp": grid.create_pg("dp"),
+            "replica": grid.create_pg(["ep", "fed"]),
         }
         topo = Topology("foe", world, rank, nodes, D, C, L, L, groups)
     else:

@@ -20,7 +20,6 @@ from foe_train.config import load_config
 from foe_train.model.builder import build_model
 from foe_train.topology import build_topology
 
-
 # torch's tensor variants of a collective are one operation in the report and the formulas
 CANONICAL = {
     "all_to_all_single": "all_to_all",

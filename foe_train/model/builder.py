@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -151,7 +152,10 @@ def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def _global_names(gpt: torch.nn.Module, model: ModelConfig, topo: Topology):
+def named_global_parameters(
+    gpt: torch.nn.Module, model: ModelConfig, topo: Topology
+) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) for every weight of this rank."""
     experts = model.num_experts // (topo.clusters if topo.kind == "foe" else 1)
     per_rank = experts // topo.expert_parallel
     for name, param in gpt.named_parameters():
@@ -160,7 +164,7 @@ def _global_names(gpt: torch.nn.Module, model: ModelConfig, topo: Topology):
 
 def count_parameters(gpt: torch.nn.Module, model: ModelConfig, topo: Topology) -> int:
     """Total parameters of the whole model over all ranks, each weight counted once."""
-    local = {name: param.numel() for name, param in _global_names(gpt, model, topo)}
+    local = {name: param.numel() for name, param in named_global_parameters(gpt, model, topo)}
     everything: list[object] = [None] * topo.world_size
     dist.all_gather_object(everything, local)
     merged: dict[str, int] = {}
@@ -175,7 +179,7 @@ def gather_cluster_state_dicts(
     """Every cluster's full state (or gradients) in megatron key names, experts numbered
     within the cluster, on rank 0 (None elsewhere). Shared weights appear in every cluster."""
     local = {}
-    for name, param in _global_names(gpt, model, topo):
+    for name, param in named_global_parameters(gpt, model, topo):
         value = getattr(param, "main_grad", None) if grads else param
         if grads and value is None:
             value = param.grad

@@ -1,0 +1,1 @@
+"""Training loop pieces: run tracking (metrics files, W&B, progress)."""

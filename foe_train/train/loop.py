@@ -1,0 +1,272 @@
+"""The training job: recipe -> topology -> data -> model -> megatron DDP + optimizer +
+scheduler -> steps with gradient accumulation, validation, checkpoints and tracking.
+
+Runs under torchrun (``python -m foe_train.train --config ...``). Every token shard reads its
+own slice of each global batch; the loss each rank reports is averaged over all ranks, which
+weights every shard equally because each FoE shard is seen by all C clusters alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+from foe_train.budget import budget
+from foe_train.config import RecipeConfig
+from foe_train.data.loader import ShardedBatches, build_datasets
+from foe_train.data.tokenizers import build_tokenizer
+from foe_train.model.builder import build_model, count_parameters, wrap_ddp
+from foe_train.topology import Topology, build_topology
+from foe_train.train import checkpoint
+from foe_train.train.tracking import Tracker
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class Job:
+    cfg: RecipeConfig
+    topo: Topology
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: Any
+    scheduler: OptimizerParamScheduler
+    train: ShardedBatches
+    valid: ShardedBatches | None
+    run_dir: Path
+    dtype: torch.dtype
+
+
+def resolve_run_dir(cfg: RecipeConfig) -> Path:
+    return Path(cfg.logging.run_dir.format(name=cfg.logging.name)).expanduser().resolve()
+
+
+def _dtype(cfg: RecipeConfig) -> torch.dtype:
+    bf16 = cfg.training.bf16 if cfg.training.bf16 is not None else torch.cuda.is_available()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def build_job(cfg: RecipeConfig) -> Job:
+    """Everything a step needs, built the same way on every rank."""
+    topo = build_topology(cfg.model, cfg.parallel)
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
+    train_ds, valid_ds, _ = build_datasets(cfg.data, cfg.model, cfg.training, tokenizer, cfg.seed)
+    dtype = _dtype(cfg)
+    model = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype)
+    if cfg.training.recompute:
+        model.config.recompute_granularity = "full"
+        model.config.recompute_method = "uniform"
+        model.config.recompute_num_layers = 1
+    topo.mark_shared_duplicates(model)
+    ddp = wrap_ddp(model, topo, cfg.training.distributed_optimizer)
+    t = cfg.training
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16, params_dtype=dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
+        ),
+        [ddp],
+        use_gloo_process_groups=False,
+        pg_collection=topo.optimizer_pg_collection(),
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
+        lr_decay_steps=t.train_iters, lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+    )
+    shards = (t.global_batch_size, t.micro_batch_size, topo.token_shards, topo.token_shard)
+    train = ShardedBatches(train_ds, *shards)
+    valid = ShardedBatches(valid_ds, *shards) if valid_ds is not None and len(valid_ds) else None
+    return Job(cfg, topo, model, ddp, optimizer, scheduler, train, valid, resolve_run_dir(cfg),
+               dtype)
+
+
+def _to_device(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.cuda(non_blocking=True) if torch.cuda.is_available() else tokens
+
+
+def micro_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of one micro-batch [b, s+1]."""
+    tokens = _to_device(tokens)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+    logits = model(inputs, position, None)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _world_mean(value: torch.Tensor) -> float:
+    value = value.detach().clone().float()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+class ExpertLoad:
+    """Tokens routed to each expert, per cluster, from forward hooks on the routers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if name.endswith("mlp.router"):
+                module.register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def record(module, inputs, output) -> None:
+            counts = output[1].detach().sum(0).float().cpu()
+            self.counts[name] = self.counts.get(name, 0) + counts
+        return record
+
+    def imbalance(self) -> float:
+        """max/mean tokens per expert, averaged over this rank's MoE layers (1.0 = even)."""
+        ratios = [float(c.max() / c.mean().clamp_min(1e-9)) for c in self.counts.values()]
+        self.counts.clear()
+        return sum(ratios) / len(ratios) if ratios else 1.0
+
+
+def train_step(job: Job, step: int) -> dict[str, float]:
+    job.ddp.zero_grad_buffer()
+    job.optimizer.zero_grad()
+    micro = job.train.micro_batches(step)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro)))
+    total = torch.zeros(())
+    for tokens in micro:
+        loss = micro_loss(job.ddp, tokens) / len(micro)
+        loss.backward()
+        total += loss.detach().cpu()
+    job.ddp.finish_grad_sync()
+    ok, grad_norm, _ = job.optimizer.step()
+    job.scheduler.step(increment=1)
+    return {"loss": _world_mean(total), "grad_norm": float(grad_norm or 0.0),
+            "skipped": float(not ok)}
+
+
+@torch.no_grad()
+def evaluate(job: Job, step: int) -> float:
+    job.ddp.eval()
+    total, count = torch.zeros(()), 0
+    for i in range(job.cfg.training.eval_iters):
+        for tokens in job.valid.micro_batches(step // max(job.cfg.training.eval_interval, 1)
+                                              * job.cfg.training.eval_iters + i):
+            total += micro_loss(job.ddp, tokens).cpu()
+            count += 1
+    job.ddp.train()
+    return _world_mean(total / max(count, 1))
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 ask for a checkpoint at the end of the current step, then exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got the signal (ranks stop at the same step)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
+    """Train to cfg.training.train_iters (resuming if asked); returns the summary on rank 0."""
+    job = build_job(cfg)
+    t, topo = cfg.training, job.topo
+    rank0 = topo.rank == 0
+    if rank0:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+    start = checkpoint.resume(job, resume) if resume else 0
+    numbers = budget(cfg)
+    params = count_parameters(job.model, cfg.model, topo)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    tracker = Tracker(job.run_dir, cfg.logging, cfg.model_dump(), enabled=rank0,
+                      total_steps=t.train_iters, start_step=start)
+    stop, load, peak = StopSignal(), ExpertLoad(job.model), _peak_flops()
+    begin, last_val = time.perf_counter(), None
+    step = start
+    while step < t.train_iters:
+        tick = time.perf_counter()
+        metrics = train_step(job, step)
+        step += 1
+        elapsed = time.perf_counter() - tick
+        tokens_per_s = tokens_per_step / elapsed
+        metrics.update(
+            tokens=step * tokens_per_step, lr=job.scheduler.get_lr(job.optimizer.param_groups[0]),
+            tokens_per_s=tokens_per_s, expert_load_imbalance=load.imbalance(),
+            tflops_per_rank=numbers["flops_per_token"] * tokens_per_s / topo.world_size / 1e12,
+        )
+        if peak:
+            metrics["mfu"] = metrics["tflops_per_rank"] * 1e12 / peak
+        if step % cfg.logging.log_interval == 0 or step == t.train_iters:
+            tracker.log(step, metrics)
+        if job.valid is not None and t.eval_interval and (
+            step % t.eval_interval == 0 or step == t.train_iters
+        ):
+            last_val = evaluate(job, step)
+            tracker.log_eval(step, {"val_loss": last_val})
+        interval = cfg.checkpoint.interval
+        stopping = stop.agreed()
+        if step == t.train_iters or stopping or (interval and step % interval == 0):
+            checkpoint.save(job, step)
+        if stopping:
+            break
+    summary = {
+        "final_train_loss": metrics["loss"] if step > start else None,
+        "final_val_loss": last_val, "steps": step, "tokens": step * tokens_per_step,
+        "wall_time_s": time.perf_counter() - begin, "params": params,
+        "active_params_per_token": numbers["active_params_per_token"],
+        "stopped_by_signal": stop.received is not None, "kind": cfg.model.kind,
+    }
+    tracker.finish(summary)
+    return summary if rank0 else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point under torchrun."""
+    import argparse
+
+    from foe_train.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="foe-train")
+    ap.add_argument("--config")
+    ap.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint dir")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(cfg, args.resume)
+    except ConfigError as exc:
+        if dist.get_rank() == 0:
+            print(f"error: {exc}", flush=True)
+        dist.destroy_process_group()
+        raise SystemExit(2) from None
+    dist.destroy_process_group()
