@@ -75,8 +75,9 @@ def _on_cpu(factory: Any) -> Any:
 
 class _TorchOnCpu(types.ModuleType):
     """The ``torch`` that megatron.core.optimizer.{optimizer,clip_grads,distrib_optimizer}
-    and megatron.core.utils see: those modules allocate their scalars (loss scale, found_inf, grad-norm buffers) with
-    device='cuda'; here the same calls allocate on the CPU. Everything else is plain torch."""
+    and megatron.core.utils see: those modules allocate their scalars (loss scale, found_inf,
+    grad-norm buffers) with device='cuda'; here the same calls allocate on the CPU. Everything
+    else is plain torch."""
 
     tensor = staticmethod(_on_cpu(torch.tensor))
     zeros = staticmethod(_on_cpu(torch.zeros))
@@ -154,7 +155,8 @@ def apply_cpu_compat() -> bool:
     # apex's multi_tensor_l2norm) -> torch.tensor/zeros(..., device="cuda")
     for module in (mc_optimizer, clip_grads, distrib_optimizer, mc_utils):
         module.torch = _TorchOnCpu("torch")
-    # optimizer.ChainedOptimizer.step / MegatronOptimizer.clip_grad_norm -> clip_grad_by_total_norm_fp32
+    # optimizer.ChainedOptimizer.step, MegatronOptimizer.clip_grad_norm ->
+    # clip_grad_by_total_norm_fp32
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
     _applied = True
