@@ -60,8 +60,11 @@ def train_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    from foe_train.train.preflight import preflight
+
+    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        load_config(args.config, args.overrides)
+        preflight(load_config(args.config, args.overrides), world, args.nodes)
     except ConfigError as exc:
         _fail(str(exc))
     worker = ["--config", args.config] if args.config else []

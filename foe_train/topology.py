@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from megatron.core.hyper_comm_grid import HyperCommGrid
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from foe_train.config import ConfigError, ModelConfig, ParallelConfig, cluster_topk
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 log = logging.getLogger("foe_train.topology")
 
@@ -135,6 +137,8 @@ class Topology:
     def cluster_pg_collection(self) -> ProcessGroupCollection:
         """Groups for a cluster's layers (FoE) or every layer (MoE): singleton tp/cp/pp,
         the job's EP group and the data-parallel groups gradients reduce over."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
         g, one = self.groups, self.groups["single"]
         ep = g["cluster_ep"] if self.kind == "foe" else g["ep"]
         dp = g["token_dp"] if self.kind == "foe" else g["dp"]
@@ -186,6 +190,8 @@ def node_map() -> list[int]:
 
 def build_topology(model: ModelConfig, parallel: ParallelConfig) -> Topology:
     """Check the layout against torchrun's world, then create every process group."""
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+
     world, rank = dist.get_world_size(), dist.get_rank()
     nodes = node_map()
     check_layout(model, parallel, world, nodes)

@@ -5,6 +5,7 @@ torchrun, exactly as on a cluster."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,15 +37,25 @@ def run_local(
     module: str, args: list[str], nproc: int, nodes: int = 1, timeout: float | None = None,
     env: dict[str, str] | None = None,
 ) -> int:
-    """Run the agents to completion; returns the first non-zero exit code (or 0). On failure
-    or interrupt every agent is terminated."""
+    """Run the agents to completion; returns the first non-zero exit code (or 0). SIGTERM
+    and SIGUSR1 are forwarded to the agents (torchrun passes SIGTERM on to its workers, which
+    checkpoint and exit); on failure or Ctrl-C every agent is terminated."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                 **(env or {})}
     commands = torchrun_commands(module, args, nproc, nodes)
     procs = [subprocess.Popen(cmd, env=full_env) for cmd in commands]
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         for p in procs:
             if p.poll() is None:
                 p.terminate()

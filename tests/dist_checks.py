@@ -18,6 +18,7 @@ from foe_train.model.builder import (
 )
 from foe_train.model.oracle import ReferenceFoE
 from foe_train.topology import build_topology
+from foe_train.train.loop import build_optimizer
 
 TINY = {
     "num_layers": 3, "moe_layer_freq": [1, 0, 1], "hidden_size": 32, "num_attention_heads": 8,
@@ -56,6 +57,11 @@ def oracle_check(cfg, topo) -> dict:
     loss, logits = loss_and_logits(ddp, shard(data, topo))
     loss.backward()
     ddp.finish_grad_sync()
+    optimizer, _ = build_optimizer(ddp, cfg, topo, torch.float32)
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    norms: list = [None] * topo.world_size
+    dist.all_gather_object(norms, grad_norm)
     all_logits: list = [None] * topo.world_size
     dist.all_gather_object(all_logits, (topo.token_shard, logits.detach()))
     weights = gather_cluster_state_dicts(gpt, cfg.model, topo)
@@ -73,12 +79,14 @@ def oracle_check(cfg, topo) -> dict:
     ref_grads = ref.megatron_grads()
     grad_err = {f"c{c}:{k}": rel(grads[c][k], g) for c in range(C) for k, g in ref_grads[c].items()}
     labels = data[:, 1:].reshape(-1)
+    ref_norm = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in ref.parameters())))
     full_loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels))
     return {
         "logits_rel": rel(logits, ref_logits.detach()),
         "loss": full_loss, "ref_loss": float(ref_loss),
         "grad_rel_max": max(grad_err.values()), "grad_rel": grad_err,
         "grads_checked": len(grad_err),
+        "grad_norm_rel": max(abs(n - ref_norm) / ref_norm for n in norms),
     }
 
 

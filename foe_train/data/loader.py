@@ -78,6 +78,16 @@ def _process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def check_data(data: DataConfig, model: ModelConfig, tokenizer: Tokenizer) -> list[str]:
+    """The configured prefixes, after checking they exist and the vocabulary fits (cheap:
+    run before launching anything)."""
+    if model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is below the {tokenizer.name} "
+                          f"tokenizer's {tokenizer.vocab_size} tokens; set model.vocab_size >= "
+                          f"{tokenizer.vocab_size}")
+    return _check_prefixes(data)
+
+
 def dataset_sizes(training: TrainingConfig) -> list[int]:
     """Samples for train, valid (every eval plus the final one) and test (one eval's worth)."""
     G = training.global_batch_size
@@ -96,12 +106,8 @@ def build_datasets(data: DataConfig, model: ModelConfig, training: TrainingConfi
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    if model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} is below the {tokenizer.name} "
-                          f"tokenizer's {tokenizer.vocab_size} tokens; set model.vocab_size >= "
-                          f"{tokenizer.vocab_size}")
     cache_dir = os.path.expanduser(data.cache_dir)
-    prefixes = _check_prefixes(data) or [default_corpus(cache_dir, tokenizer)]
+    prefixes = check_data(data, model, tokenizer) or [default_corpus(cache_dir, tokenizer)]
     weights = data.weights if len(prefixes) > 1 else None
     sizes = dataset_sizes(training)
     _check_split_documents(prefixes, data.split, sizes)

@@ -27,9 +27,11 @@ from foe_train.topology import Topology
 
 
 def transformer_config(
-    model: ModelConfig, clusters: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32
+    model: ModelConfig, clusters: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
 ) -> TransformerConfig:
-    """megatron TransformerConfig of one cluster (clusters=1: the whole baseline model)."""
+    """megatron TransformerConfig of one cluster (clusters=1: the whole baseline model).
+    recompute: megatron's full activation recompute, one layer at a time."""
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -58,6 +60,9 @@ def transformer_config(
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -74,14 +79,16 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int) -> ModuleSpec:
 
 
 def block_spec(
-    model: ModelConfig, topo: Topology, dtype: torch.dtype
+    model: ModelConfig, topo: Topology, dtype: torch.dtype, recompute: bool = False
 ) -> TransformerBlockSubmodules:
     """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE."""
     if topo.kind == "moe":
         specs = [_layer_spec(model, i, model.num_experts) for i in range(model.num_layers)]
         return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
     params = {
-        "cluster_config": transformer_config(model, topo.clusters, topo.ranks_per_cluster, dtype),
+        "cluster_config": transformer_config(
+            model, topo.clusters, topo.ranks_per_cluster, dtype, recompute
+        ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
         "federation": topo.groups["federation"],
         "residual_sync": model.residual_sync,
@@ -94,7 +101,8 @@ def block_spec(
 
 
 def build_model(
-    model: ModelConfig, topo: Topology, seed: int = 1234, dtype: torch.dtype = torch.float32
+    model: ModelConfig, topo: Topology, seed: int = 1234, dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
 ) -> GPTModel:
     """The rank's GPTModel. Seeds so that shared weights are identical on every rank and
     expert weights depend on the expert's global index only, whatever the topology."""
@@ -104,10 +112,10 @@ def build_model(
     ep_rank = dist.get_rank(topo.cluster_pg_collection().ep)
     model_parallel_cuda_manual_seed(seed, tp_rank=0, ep_rank=ep_rank, etp_rank=0)
     torch.manual_seed(seed)
-    config = transformer_config(model, 1, topo.expert_parallel, dtype)
+    config = transformer_config(model, 1, topo.expert_parallel, dtype, recompute)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(model, topo, dtype),
+        transformer_layer_spec=block_spec(model, topo, dtype, recompute),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="rope",
@@ -116,6 +124,12 @@ def build_model(
         pg_collection=topo.cluster_pg_collection(),
     )
     init_weights(gpt, model, topo, seed)
+    for name, param in gpt.named_parameters():
+        # megatron marks experts expert-parallel only when EP > 1; we always do, so expert
+        # grads reduce over expert-DP and the optimizer (hence a checkpoint's layout) has the
+        # same dense/expert split at every topology
+        if ".local_experts." in name:
+            param.allreduce = False
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt

@@ -12,6 +12,7 @@ finished, so a crash mid-save never hides the last complete checkpoint.
 from __future__ import annotations
 
 import os
+import queue
 import random
 import shutil
 from pathlib import Path
@@ -81,14 +82,29 @@ def _state(job: Job, loading: bool) -> dict[str, Any]:
     world, rank = job.topo.world_size, job.topo.rank
     return {
         "model": model,
-        "optimizer": job.optimizer.sharded_state_dict(model, is_loading=loading),
+        # no chained_N prefixes: whether experts form their own optimizer depends on the
+        # topology (megatron treats experts as dense at EP = 1), the saved keys must not
+        "optimizer": job.optimizer.sharded_state_dict(
+            model, is_loading=loading, metadata={"chained_optim_avoid_prefix": True}
+        ),
         "rng": ShardedObject(f"rng_world{world}", _rng_state(), (world,), (rank,),
                              replica_id=0),
     }
 
 
+def _in_process_results_queue() -> None:
+    """dist_checkpointing's writer reports results through a queue served by a spawned
+    multiprocessing Manager, which async saves need; a killed rank orphans that process (and
+    the pipes it inherited). Our saves are synchronous: a plain in-process queue does."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(job: Job, step: int) -> Path:
     """Write iter_<step> atomically; keep the newest ``checkpoint.keep`` complete ones."""
+    _in_process_results_queue()
     root = checkpoint_root(job)
     final, partial = root / f"iter_{step:07d}", root / f"iter_{step:07d}{PARTIAL}"
     if job.topo.rank == 0:

@@ -64,14 +64,25 @@ def build_job(cfg: RecipeConfig) -> Job:
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
     train_ds, valid_ds, _ = build_datasets(cfg.data, cfg.model, cfg.training, tokenizer, cfg.seed)
     dtype = _dtype(cfg)
-    model = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype)
-    if cfg.training.recompute:
-        model.config.recompute_granularity = "full"
-        model.config.recompute_method = "uniform"
-        model.config.recompute_num_layers = 1
-    topo.mark_shared_duplicates(model)
+    model = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype,
+                        recompute=cfg.training.recompute)
     ddp = wrap_ddp(model, topo, cfg.training.distributed_optimizer)
+    optimizer, scheduler = build_optimizer(ddp, cfg, topo, dtype)
     t = cfg.training
+    shards = (t.global_batch_size, t.micro_batch_size, topo.token_shards, topo.token_shard)
+    train = ShardedBatches(train_ds, *shards)
+    valid = ShardedBatches(valid_ds, *shards) if valid_ds is not None and len(valid_ds) else None
+    return Job(cfg, topo, model, ddp, optimizer, scheduler, train, valid, resolve_run_dir(cfg),
+               dtype)
+
+
+def build_optimizer(
+    ddp: torch.nn.Module, cfg: RecipeConfig, topo: Topology, dtype: torch.dtype
+) -> tuple[Any, OptimizerParamScheduler]:
+    """megatron's Adam (dense and expert parts chained) with FoE-correct gradient-norm
+    groups, and its warmup + decay schedule."""
+    t = cfg.training
+    topo.mark_shared_duplicates(ddp.module)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -89,11 +100,7 @@ def build_job(cfg: RecipeConfig) -> Job:
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters,
         wd_incr_style="constant",
     )
-    shards = (t.global_batch_size, t.micro_batch_size, topo.token_shards, topo.token_shard)
-    train = ShardedBatches(train_ds, *shards)
-    valid = ShardedBatches(valid_ds, *shards) if valid_ds is not None and len(valid_ds) else None
-    return Job(cfg, topo, model, ddp, optimizer, scheduler, train, valid, resolve_run_dir(cfg),
-               dtype)
+    return optimizer, scheduler
 
 
 def _to_device(tokens: torch.Tensor) -> torch.Tensor:
@@ -155,12 +162,13 @@ def train_step(job: Job, step: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(job: Job, step: int) -> float:
+def evaluate(job: Job) -> float:
+    """Mean loss over the same eval_iters validation batches every time, so values are
+    comparable across steps, runs and topologies."""
     job.ddp.eval()
     total, count = torch.zeros(()), 0
     for i in range(job.cfg.training.eval_iters):
-        for tokens in job.valid.micro_batches(step // max(job.cfg.training.eval_interval, 1)
-                                              * job.cfg.training.eval_iters + i):
+        for tokens in job.valid.micro_batches(i):
             total += micro_loss(job.ddp, tokens).cpu()
             count += 1
     job.ddp.train()
@@ -227,7 +235,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
         if job.valid is not None and t.eval_interval and (
             step % t.eval_interval == 0 or step == t.train_iters
         ):
-            last_val = evaluate(job, step)
+            last_val = evaluate(job)
             tracker.log_eval(step, {"val_loss": last_val})
         interval = cfg.checkpoint.interval
         stopping = stop.agreed()
@@ -235,6 +243,9 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
             checkpoint.save(job, step)
         if stopping:
             break
+    if job.valid is not None and last_val is None:
+        last_val = evaluate(job)
+        tracker.log_eval(step, {"val_loss": last_val})
     summary = {
         "final_train_loss": metrics["loss"] if step > start else None,
         "final_val_loss": last_val, "steps": step, "tokens": step * tokens_per_step,
