@@ -30,6 +30,7 @@ setup(
             "foe-train=foe_train.cli:train_main",
             "foe-bench=foe_train.cli:bench_main",
             "foe-budget=foe_train.cli:budget_main",
+            "foe-compare=foe_train.cli:compare_main",
             "foe-prepare-data=foe_train.data.prepare:main",
         ]
     },

@@ -82,6 +82,32 @@ def train_main(argv: list[str] | None = None) -> None:
     sys.exit(run_local("foe_train.train", worker, args.nproc, args.nodes))
 
 
+def compare_main(argv: list[str] | None = None) -> None:
+    """foe-compare RUN_DIR [RUN_DIR ...]: the runs' summaries side by side."""
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="foe-compare")
+    ap.add_argument("run_dirs", nargs="+")
+    args = ap.parse_args(argv)
+    summaries = []
+    for run_dir in args.run_dirs:
+        path = Path(run_dir) / "summary.json"
+        if not path.is_file():
+            _fail(f"{run_dir}: no summary.json; has the run finished?")
+        summaries.append(json.loads(path.read_text()))
+    rows = ["kind", "final_val_loss", "final_train_loss", "steps", "tokens", "params",
+            "active_params_per_token", "wall_time_s"]
+
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    width = max(len(r) for r in rows)
+    print(" " * width + "".join(f"  {Path(d).name:>18}" for d in args.run_dirs))
+    for row in rows:
+        print(f"{row:<{width}}" + "".join(f"  {cell(s.get(row)):>18}" for s in summaries))
+
+
 def budget_main(argv: list[str] | None = None) -> None:
     """foe-budget A.yaml B.yaml [--set-a key=value]... [--set-b key=value]...
 

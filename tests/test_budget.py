@@ -21,7 +21,7 @@ HAND = {
         "moe_router_topk": 2, "vocab_size": 16, "seq_length": 10,
     },
     "parallel": {"clusters": 2},
-    "training": {"train_iters": 5, "global_batch_size": 4},
+    "training": {"train_iters": 5, "warmup_iters": 1, "global_batch_size": 4},
 }
 
 
@@ -133,7 +133,7 @@ def test_cli_shipped_pairs_match(capsys, pair):
 
 
 @pytest.mark.parametrize("override, fields", [
-    ("training.train_iters=200", {"tokens", "lr_schedule"}),
+    ("training.train_iters=300", {"tokens", "lr_schedule"}),
     ("model.moe_router_topk=4", {"active_params_per_token", "flops_per_token"}),
 ])
 def test_cli_mismatched_pair(capsys, override, fields):

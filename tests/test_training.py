@@ -173,15 +173,16 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     assert complete_checkpoints(tmp_path / "checkpoints")[-1].name == f"iter_{summary['steps']:07d}"
 
 
-@pytest.mark.parametrize("override, field", [
-    ("model.hiden_size=3", "model.hiden_size"),
-    ("model.num_layers=two", "model.num_layers"),
-    ("data.prefixes=[/nonexistent/corpus]", "data.prefixes"),
-    ("parallel.clusters=8", "parallel.clusters"),
+@pytest.mark.parametrize("overrides, field", [
+    (["model.hiden_size=3"], "model.hiden_size"),
+    (["model.num_layers=two"], "model.num_layers"),
+    (["data.prefixes=[/nonexistent/corpus]"], "data.prefixes"),
+    (["model.num_query_groups=2", "parallel.clusters=4", "parallel.ranks_per_cluster=1"],
+     "parallel.clusters=4 does not divide model.num_query_groups=2"),
 ])
-def test_bad_recipe_fails_fast_in_one_line(tmp_path, override, field):
+def test_bad_recipe_fails_fast_in_one_line(tmp_path, overrides, field):
     start = time.monotonic()
-    out = subprocess.run([FOE_TRAIN, "--config", TINY, "--nproc", "4", override],
+    out = subprocess.run([FOE_TRAIN, "--config", TINY, "--nproc", "4", *overrides],
                          capture_output=True, text=True, timeout=60)
     assert time.monotonic() - start < 5
     assert out.returncode == 2 and out.stdout == ""
