@@ -8,7 +8,6 @@ weights every shard equally because each FoE shard is seen by all C clusters ali
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -19,9 +18,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
 
 from foe_train.budget import budget
 from foe_train.config import RecipeConfig
@@ -137,11 +141,30 @@ class ExpertLoad:
             self.counts[name] = self.counts.get(name, 0) + counts
         return record
 
-    def imbalance(self) -> float:
-        """max/mean tokens per expert, averaged over this rank's MoE layers (1.0 = even)."""
+    def per_cluster(self, topo: Topology) -> dict[str, float]:
+        """max/mean tokens per expert (1.0 = even), averaged over MoE layers and over the
+        ranks of each cluster: one number per cluster (the whole baseline for MoE)."""
         ratios = [float(c.max() / c.mean().clamp_min(1e-9)) for c in self.counts.values()]
         self.counts.clear()
-        return sum(ratios) / len(ratios) if ratios else 1.0
+        mine = (topo.cluster, sum(ratios) / len(ratios) if ratios else 1.0)
+        everyone: list[Any] = [None] * topo.world_size
+        dist.all_gather_object(everyone, mine)
+        by_cluster: dict[int, list[float]] = {}
+        for cluster, value in everyone:
+            by_cluster.setdefault(cluster, []).append(value)
+        return {f"expert_load_imbalance/cluster{c}": sum(v) / len(v)
+                for c, v in sorted(by_cluster.items())}
+
+
+def aux_losses(micro_batches: int, moe_layers: int) -> dict[str, float]:
+    """MoE auxiliary losses megatron's routers recorded this step (load balancing, z-loss),
+    averaged over layers, micro-batches and ranks; the tracker is then reset."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {f"aux/{name}": _world_mean(tracker[name]["values"].sum().cpu()
+                                      / max(micro_batches * moe_layers, 1))
+           for name in sorted(tracker)}
+    clear_aux_losses_tracker()
+    return out
 
 
 def train_step(job: Job, step: int) -> dict[str, float]:
@@ -207,7 +230,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
     rank0 = topo.rank == 0
     if rank0:
         job.run_dir.mkdir(parents=True, exist_ok=True)
-        (job.run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+        (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     start = checkpoint.resume(job, resume) if resume else 0
     numbers = budget(cfg)
     params = count_parameters(job.model, cfg.model, topo)
@@ -216,6 +239,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
                       total_steps=t.train_iters, start_step=start)
     stop, load, peak = StopSignal(), ExpertLoad(job.model), _peak_flops()
     begin, last_val = time.perf_counter(), None
+    moe_layers = sum(cfg.model.layer_is_moe(i) for i in range(cfg.model.num_layers))
     step = start
     while step < t.train_iters:
         tick = time.perf_counter()
@@ -225,8 +249,9 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
         tokens_per_s = tokens_per_step / elapsed
         metrics.update(
             tokens=step * tokens_per_step, lr=job.scheduler.get_lr(job.optimizer.param_groups[0]),
-            tokens_per_s=tokens_per_s, expert_load_imbalance=load.imbalance(),
+            tokens_per_s=tokens_per_s,
             tflops_per_rank=numbers["flops_per_token"] * tokens_per_s / topo.world_size / 1e12,
+            **load.per_cluster(topo), **aux_losses(job.train.accumulation_steps, moe_layers),
         )
         if peak:
             metrics["mfu"] = metrics["tflops_per_rank"] * 1e12 / peak
@@ -262,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from foe_train.config import ConfigError, load_config
+    from foe_train.train.preflight import preflight
 
     ap = argparse.ArgumentParser(prog="foe-train")
     ap.add_argument("--config")
@@ -274,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight(cfg, dist.get_world_size())
         run(cfg, args.resume)
     except ConfigError as exc:
         if dist.get_rank() == 0:

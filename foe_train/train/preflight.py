@@ -3,6 +3,8 @@ recipe fails here in a second with one line, not minutes later inside megatron-c
 
 from __future__ import annotations
 
+import torch
+
 from foe_train.config import ConfigError, RecipeConfig
 from foe_train.data.loader import check_data
 from foe_train.data.tokenizers import build_tokenizer
@@ -17,6 +19,11 @@ def preflight(cfg: RecipeConfig, world_size: int, nodes: int = 1) -> None:
     check_layout(cfg.model, cfg.parallel, world_size, [r // per_node for r in range(world_size)])
     check_data(cfg.data, cfg.model, build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path))
     p, t = cfg.parallel, cfg.training
+    if t.distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError(
+            "training.distributed_optimizer: megatron's DistributedOptimizer only wraps CUDA "
+            "tensors; set it to false on a machine without GPUs"
+        )
     shards = p.data * p.ranks_per_cluster if cfg.model.kind == "foe" else world_size
     if t.global_batch_size % (shards * t.micro_batch_size):
         raise ConfigError(
