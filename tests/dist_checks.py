@@ -131,15 +131,16 @@ def same_function_check() -> dict:
     }
 
 
-def run(kind: str, parallel: dict, modes: list) -> dict:
+def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
     results = {}
     for mode in modes:
-        model = dict(TINY, kind=kind, **({"residual_sync": mode} if mode else {}))
+        model = dict(TINY, kind=kind, token_dispatcher=dispatcher,
+                     **({"residual_sync": mode} if mode else {}))
         cfg = RecipeConfig.model_validate({"model": model, "parallel": parallel})
         topo = build_topology(cfg.model, cfg.parallel)
         results[mode or "moe"] = oracle_check(cfg, topo)
         results[mode or "moe"].update(shared_sync_check(cfg, topo))
-    if kind == "foe":
+    if kind == "foe" and dispatcher == "alltoall":
         for other in ("foe", "moe"):
             recipe = {"model": dict(TINY, kind=other), "parallel": parallel}
             cfg = RecipeConfig.model_validate(recipe)
@@ -152,18 +153,23 @@ def run(kind: str, parallel: dict, modes: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--foe", nargs="*", default=[], help="FoE topologies D,C,L")
-    ap.add_argument("--moe", nargs="*", default=[], type=int, help="baseline EP sizes")
+    ap.add_argument("--foe", nargs="*", default=[],
+                    help="FoE topologies D,C,L[:allgather] (dispatcher, default alltoall)")
+    ap.add_argument("--moe", nargs="*", default=[], help="baseline EP sizes EP[:allgather]")
     ap.add_argument("--same-function", action="store_true")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     results = {}
     for spec in args.foe:
-        D, C, L = (int(x) for x in spec.split(","))
+        layout, _, dispatcher = spec.partition(":")
+        D, C, L = (int(x) for x in layout.split(","))
         parallel = {"data": D, "clusters": C, "ranks_per_cluster": L}
-        results[f"foe:{spec}"] = run("foe", parallel, ["post_attention", "post_attention_and_moe"])
-    for ep in args.moe:
-        results[f"moe:{ep}"] = run("moe", {"expert_parallel": ep}, [None])
+        modes = ["post_attention", "post_attention_and_moe"]
+        results[f"foe:{spec}"] = run("foe", parallel, modes, dispatcher or "alltoall")
+    for spec in args.moe:
+        ep, _, dispatcher = spec.partition(":")
+        parallel = {"expert_parallel": int(ep)}
+        results[f"moe:{spec}"] = run("moe", parallel, [None], dispatcher or "alltoall")
     if args.same_function:
         results["same_function"] = same_function_check()
     if dist.get_rank() == 0:

@@ -13,7 +13,7 @@ from launch.torchrun import torchrun_commands
 LAUNCHES = {
     1: ["--foe", "1,1,1", "--moe", "1", "--same-function"],
     2: ["--foe", "1,2,1", "--moe", "2"],
-    4: ["--foe", "1,4,1", "1,2,2", "2,2,1", "--moe", "4"],
+    4: ["--foe", "1,4,1", "1,2,2", "2,2,1", "1,2,2:allgather", "--moe", "4", "4:allgather"],
 }
 
 
@@ -55,7 +55,7 @@ def test_shared_parameters_identical_after_steps(results):
 
 def test_parameter_budget_differs_by_cluster_norms(results):
     for name, r in results.items():
-        if name.startswith("foe:"):
+        if name.startswith("foe:") and "params_foe" in r:
             clusters = int(name.split(",")[1])
             d, layers = 32, 3
             assert r["params_foe"] - r["params_moe"] == 2 * (clusters - 1) * d * layers
