@@ -8,6 +8,7 @@ weights every shard equally because each FoE shard is seen by all C clusters ali
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint dir")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("foe_train").setLevel(logging.INFO)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
