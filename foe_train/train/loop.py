@@ -269,7 +269,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
             checkpoint.save(job, step)
         if stopping:
             break
-    if job.valid is not None and last_val is None:
+    if job.valid is not None and last_val is None and stop.received is None:
         last_val = evaluate(job)
         tracker.log_eval(step, {"val_loss": last_val})
     summary = {
