@@ -146,6 +146,7 @@ class LoggingConfig(_Section):
     name: str = "run"
     log_interval: int = 1
     progress: bool = True
+    comm_report: bool = True  # record the first step's collectives to comm_step.json
     wandb: WandbConfig = WandbConfig()
 
 

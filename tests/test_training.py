@@ -187,3 +187,25 @@ def test_bad_recipe_fails_fast_in_one_line(tmp_path, overrides, field):
     assert time.monotonic() - start < 5
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {field}")
+
+
+@pytest.mark.parametrize("kind", ["foe", "moe"])
+def test_two_torchrun_nodes_keep_foe_all_to_all_inside_nodes(tmp_path, kind):
+    """Two torchrun agents (c10d rendezvous on loopback) train with one FoE cluster per node;
+    the recorded first step shows where all-to-all traffic goes."""
+    proc = subprocess.run(
+        [FOE_TRAIN, "--config", TINY, "--nproc", "4", "--nodes", "2", f"model.kind={kind}",
+         f"logging.run_dir={tmp_path}", "training.train_iters=3", "checkpoint.interval=0"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "comm_step.json").read_text())
+    assert report["nodes"] == 2
+    a2a = {k: v for k, v in report["by_kind"].items() if k.startswith("all_to_all@")}
+    assert a2a
+    if kind == "foe":
+        assert set(a2a) == {"all_to_all@cluster_ep"}
+        assert a2a["all_to_all@cluster_ep"]["cross_node_bytes"] == 0
+        assert all(not spans for op, _, spans in report["collectives"]
+                   if op.startswith("all_to_all"))
+    else:
+        assert a2a["all_to_all@ep"]["cross_node_bytes"] > 0

@@ -8,6 +8,7 @@ weights every shard equally because each FoE shard is seen by all C clusters ali
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -185,6 +186,27 @@ def train_step(job: Job, step: int) -> dict[str, float]:
             "skipped": float(not ok)}
 
 
+def recorded_step(job: Job, step: int) -> dict[str, float]:
+    """A training step under the communication recorder; rank 0 writes what each collective
+    kind sent per rank (mean over ranks) and whether it crossed nodes to comm_step.json."""
+    from foe_train.bench.comm import CommRecorder, gather_summaries
+    from foe_train.bench.comm_run import mean_over_ranks
+
+    topo = job.topo
+    with CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec:
+        metrics = train_step(job, step)
+    summaries = gather_summaries(rec, by="op_kind")
+    spans: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(spans, sorted({(r.op, r.group_kind, r.spans_nodes)
+                                          for r in rec.records}))
+    if topo.rank == 0:
+        report = {"step": step + 1, "nodes": len(set(topo.node_of_rank)),
+                  "by_kind": mean_over_ranks(summaries),
+                  "collectives": sorted({tuple(s) for per_rank in spans for s in per_rank})}
+        (job.run_dir / "comm_step.json").write_text(json.dumps(report, indent=1))
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(job: Job) -> float:
     """Mean loss over the same eval_iters validation batches every time, so values are
@@ -244,7 +266,10 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
     step = start
     while step < t.train_iters:
         tick = time.perf_counter()
-        metrics = train_step(job, step)
+        if step == start and cfg.logging.comm_report:
+            metrics = recorded_step(job, step)
+        else:
+            metrics = train_step(job, step)
         step += 1
         elapsed = time.perf_counter() - tick
         tokens_per_s = tokens_per_step / elapsed
