@@ -15,7 +15,8 @@ def _fail(msg: str) -> None:
 
 
 def bench_main(argv: list[str] | None = None) -> None:
-    """foe-bench comm --config PATH --nproc N [--nodes M] [--backward] [key=value ...]"""
+    """foe-bench comm --config PATH --nproc N [--nodes M] [--backward] [key=value ...]
+    foe-bench latency --pair A.yaml B.yaml --nproc N [--nodes M] [--link-rate RATE] ..."""
     ap = argparse.ArgumentParser(prog="foe-bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
     comm = sub.add_parser("comm", help="count collective bytes of one step vs DESIGN §3")
@@ -26,7 +27,22 @@ def bench_main(argv: list[str] | None = None) -> None:
     comm.add_argument("--micro-batch", type=int, default=1)
     comm.add_argument("--out", help="also write the JSON report here")
     comm.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    lat = sub.add_parser("latency", help="forward latency, TTFT, TBT of a recipe pair")
+    lat.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
+    lat.add_argument("--nproc", type=int, required=True)
+    lat.add_argument("--nodes", type=int, default=1)
+    lat.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
+    lat.add_argument("--batch", nargs="+", type=int, default=[4])
+    lat.add_argument("--prompt-len", nargs="+", type=int, default=[64])
+    lat.add_argument("--gen-len", type=int, default=8)
+    lat.add_argument("--reps", type=int, default=3)
+    lat.add_argument("--json", action="store_true")
+    lat.add_argument("--out", help="also write the JSON report here")
+    lat.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
     args = ap.parse_args(argv)
+    if args.cmd == "latency":
+        _latency(args)
+        return
 
     from foe_train.topology import check_layout
 
@@ -46,6 +62,42 @@ def bench_main(argv: list[str] | None = None) -> None:
     worker += ["--out", args.out] if args.out else []
     sys.exit(run_local("foe_train.bench.comm_run", worker + args.overrides, args.nproc, args.nodes))
 
+
+
+def _latency(args: argparse.Namespace) -> None:
+    from foe_train.topology import check_layout
+
+    try:
+        if args.nodes < 1 or args.nproc % args.nodes:
+            raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
+        per_node = args.nproc // args.nodes
+        for path in args.pair:
+            cfg = load_config(path, args.overrides)
+            check_layout(cfg.model, cfg.parallel, args.nproc,
+                         [r // per_node for r in range(args.nproc)])
+            if max(args.prompt_len) + args.gen_len > cfg.model.seq_length:
+                raise ConfigError(f"--prompt-len + --gen-len exceed model.seq_length="
+                                  f"{cfg.model.seq_length} of {path}; shorten them")
+    except ConfigError as exc:
+        _fail(str(exc))
+    worker = ["--pair", *args.pair, "--batch", *map(str, args.batch), "--prompt-len",
+              *map(str, args.prompt_len), "--gen-len", str(args.gen_len), "--reps",
+              str(args.reps)]
+    worker += ["--json"] if args.json else []
+    worker += ["--out", args.out] if args.out else []
+    worker += args.overrides
+    if args.link_rate:
+        from launch.netns import NetnsError, run_emulated
+
+        try:
+            code = run_emulated("foe_train.bench.latency", worker, args.nproc, args.nodes,
+                                args.link_rate)
+        except NetnsError as exc:
+            _fail(str(exc))
+        sys.exit(code)
+    from launch.torchrun import run_local
+
+    sys.exit(run_local("foe_train.bench.latency", worker, args.nproc, args.nodes))
 
 
 def train_main(argv: list[str] | None = None) -> None:

@@ -32,15 +32,19 @@ CANONICAL = {
 
 
 def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
-    """Per-rank traffic averaged over ranks (exact), keyed by canonical op (and @kind)."""
+    """Per-rank traffic averaged over ranks (exact counts; seconds as float), keyed by
+    canonical op (and @kind)."""
     total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
+    seconds: dict[str, float] = defaultdict(float)
     for summary in summaries:
         for key_op, vals in summary.items():
             op, _, kind = key_op.partition("@")
             name = CANONICAL.get(op, op) + (f"@{kind}" if kind else "")
             for key in ("bytes", "cross_node_bytes", "calls"):
                 total[name][key] += Fraction(vals[key]) / len(summaries)
-    return {op: {k: integral(v) for k, v in vals.items()} for op, vals in total.items()}
+            seconds[name] += vals.get("seconds", 0.0) / len(summaries)
+    return {op: {**{k: integral(v) for k, v in vals.items()}, "seconds": seconds[op]}
+            for op, vals in total.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         logits = gpt(tokens, position, None)
         if args.backward:
             logits.float().logsumexp(-1).mean().backward()
-    counted = mean_over_ranks(gather_summaries(rec, by="op"))
+    counted = {op: {k: v for k, v in vals.items() if k != "seconds"}
+               for op, vals in mean_over_ranks(gather_summaries(rec, by="op")).items()}
     by_kind = gather_summaries(rec, by="op_kind")
     spans: list[object] = [None] * topo.world_size
     mine = sorted({(r.op, r.group_kind, r.spans_nodes) for r in rec.records})
