@@ -32,6 +32,7 @@ setup(
             "foe-budget=foe_train.cli:budget_main",
             "foe-compare=foe_train.cli:compare_main",
             "foe-launch=launch.cli:main",
+            "foe-generate=foe_train.infer.generate:main",
             "foe-prepare-data=foe_train.data.prepare:main",
         ]
     },

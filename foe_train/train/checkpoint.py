@@ -24,10 +24,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-from foe_train.config import ConfigError
+from foe_train.config import ConfigError, ModelConfig
 from foe_train.model.builder import named_global_parameters
 
 if TYPE_CHECKING:
+    from foe_train.topology import Topology
     from foe_train.train.loop import Job
 
 PARTIAL = ".partial"
@@ -37,9 +38,8 @@ def checkpoint_root(job: Job) -> Path:
     return job.run_dir / "checkpoints"
 
 
-def _replica_id(name: str, job: Job) -> int:
+def _replica_id(name: str, topo: Topology) -> int:
     """0 on the one rank that writes this weight, >0 on the ranks holding copies."""
-    topo = job.topo
     if ".local_experts." in name:
         return dist.get_rank(topo.groups["expert_dp"])
     if "decoder.layers." in name and topo.kind == "foe":
@@ -47,11 +47,14 @@ def _replica_id(name: str, job: Job) -> int:
     return topo.rank
 
 
-def model_sharded_state_dict(job: Job) -> dict[str, ShardedTensor]:
+def model_sharded_state_dict(
+    model: torch.nn.Module, model_cfg: ModelConfig, topo: Topology
+) -> dict[str, ShardedTensor]:
+    """Every weight of this rank under its global name, the param itself as data."""
     out = {}
-    for name, param in named_global_parameters(job.model, job.cfg.model, job.topo):
+    for name, param in named_global_parameters(model, model_cfg, topo):
         key = name.replace("/", ".")
-        out[key] = ShardedTensor.from_rank_offsets(key, param, replica_id=_replica_id(name, job))
+        out[key] = ShardedTensor.from_rank_offsets(key, param, replica_id=_replica_id(name, topo))
     return out
 
 
@@ -78,7 +81,7 @@ def _layout(job: Job) -> dict[str, Any]:
 
 
 def _state(job: Job, loading: bool) -> dict[str, Any]:
-    model = model_sharded_state_dict(job)
+    model = model_sharded_state_dict(job.model, job.cfg.model, job.topo)
     world, rank = job.topo.world_size, job.topo.rank
     return {
         "model": model,
@@ -172,7 +175,8 @@ def resume(job: Job, which: str) -> int:
     if common["layout"]["world_size"] != job.topo.world_size:
         del state["rng"]
     loaded = dist_checkpointing.load(state, str(path))
-    params = {key: sh.data for key, sh in model_sharded_state_dict(job).items()}
+    params = {key: sh.data for key, sh in
+              model_sharded_state_dict(job.model, job.cfg.model, job.topo).items()}
     with torch.no_grad():
         for key, value in loaded["model"].items():
             params[key].copy_(value)
