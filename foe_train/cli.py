@@ -16,7 +16,14 @@ def _fail(msg: str) -> None:
 
 def bench_main(argv: list[str] | None = None) -> None:
     """foe-bench comm --config PATH --nproc N [--nodes M] [--backward] [key=value ...]
-    foe-bench latency --pair A.yaml B.yaml --nproc N [--nodes M] [--link-rate RATE] ..."""
+    foe-bench latency --pair A.yaml B.yaml --nproc N [--nodes M] [--link-rate RATE] ...
+    foe-bench project --pair A.yaml B.yaml --cluster HW.yaml --nodes 1 4 ... (see --help)"""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["project"]:
+        from foe_train.bench.projection import project_main
+
+        project_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(prog="foe-bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
     comm = sub.add_parser("comm", help="count collective bytes of one step vs DESIGN §3")

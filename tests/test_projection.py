@@ -1,0 +1,184 @@
+"""foe-bench project: alpha-beta + roofline arithmetic checked against hand-computed numbers,
+communication volume taken from bench.comm_model, a real calibration on emulated nodes, the
+paper-scale projection, and the LongBench-shaped workload."""
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from foe_train.bench import projection
+from foe_train.bench.comm_model import predict
+from foe_train.bench.projection import (
+    Hardware,
+    Link,
+    adapt_parallel,
+    load_hardware,
+    project_main,
+    project_member,
+)
+from foe_train.bench.workload import prompt_lengths, sample_requests
+from foe_train.config import ConfigError, ModelConfig, ParallelConfig, RecipeConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = [str(ROOT / "configs/paper/foe.yaml"), str(ROOT / "configs/paper/moe.yaml")]
+H100 = str(ROOT / "configs/hardware/h100-8x.yaml")
+
+# Round numbers so every term below can be done by hand: 1000 FLOP/s, 100 B/s memory,
+# intra-node 100 B/s + 1 s per call, inter-node 10 B/s + 5 s per call, 1 byte per element.
+TINY_HW = Hardware(gpus_per_node=2, intra_node=Link(bandwidth=100, latency=1),
+                   inter_node=Link(bandwidth=10, latency=5), peak_flops=1000,
+                   memory_bandwidth=100, elem_bytes=1)
+
+
+def tiny(kind: str) -> RecipeConfig:
+    """d=8, H=2, G=2 (d_h=4), one MoE layer of 4 experts (f=4, swiglu), top-2, V=16."""
+    return RecipeConfig(
+        model=ModelConfig(kind=kind, num_layers=1, hidden_size=8, num_attention_heads=2,
+                          num_query_groups=2, num_experts=4, moe_ffn_hidden_size=4,
+                          moe_router_topk=2, vocab_size=16, seq_length=64),
+        parallel=ParallelConfig(clusters=2),
+    )
+
+
+def test_roofline_and_alpha_beta_by_hand():
+    # FoE, C=2 on one node of 2 GPUs -> L=1, D=1: each rank runs all 1 prompt (4 tokens).
+    foe = project_member(tiny("foe"), TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2)
+    assert foe["layout"] == {"data": 1, "clusters": 2, "ranks_per_cluster": 1,
+                             "token_shards": 1, "seqs_per_rank": 1}
+    # forward, per rank: attention slice (1 q head, 1 kv head) 8*3*4 + 4*8 = 128 weights:
+    #   FLOPs 2*4*128 + 4*d_h*1*(4*5/2 pairs) = 1184 -> 1.184 s; bytes 128 -> 1.28 s => 1.28
+    # router E/C=2: FLOPs 2*4*2*8 = 128 -> 0.128 s; bytes 16 -> 0.16 s => 0.16
+    # experts k_c=1, 2 local of 3*4*8 = 96 weights: 4 copies, FLOPs 768 -> 0.768 s;
+    #   bytes min(2, 4)*96 = 192 -> 1.92 s => 1.92
+    # output 16*8 = 128 weights: FLOPs 2*4*128 = 1024 -> 1.024 s; bytes 1.28 s => 1.28
+    breakdown = foe["breakdown"]["forward"]
+    assert breakdown["compute"] == pytest.approx(
+        {"attention": 1.28, "router": 0.16, "experts": 1.92, "dense": 0.0, "output": 1.28})
+    # federated sums: layers + 1 = 2 ring all-reduces of 4*8 bytes over 2 clusters, 32 bytes
+    # each, inside the node: 2 * 1 s + 64 B / 100 B/s = 2.64 s; no all-to-all (L = 1)
+    assert breakdown["comm"] == pytest.approx({"all_reduce": 2.64})
+    assert foe["forward"] == pytest.approx(4.64 + 2.64)
+    # ttft also writes 4 K/V entries of 1 kv head: attention bytes 128 + 2*4*4 = 160 -> 1.6 s
+    assert foe["ttft"] == pytest.approx(1.6 + 0.16 + 1.92 + 1.28 + 2.64)
+    # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, bytes 128 + 2*4*5 =
+    # 168 -> 1.68 s; router 0.16 s; experts 1 copy: 96 B -> 0.96 s; output 1.28 s;
+    # comm 2 * (1 s + 8 B / 100 B/s) = 2.16 s
+    assert foe["tbt"] == pytest.approx(1.68 + 0.16 + 0.96 + 1.28 + 2.16)
+    assert foe["generate"] == pytest.approx(foe["ttft"] + foe["tbt"])
+
+    # MoE on 2 nodes x 2 GPUs: EP=4 (one expert each), 4 prompts -> one per rank.
+    moe = project_member(tiny("moe"), TINY_HW, nodes=2, batch=4, prompt_len=4, gen_len=2)
+    assert moe["layout"] == {"expert_parallel": 4, "token_shards": 4, "seqs_per_rank": 1}
+    # full attention 8*(2+4)*4 + 2*4*8 = 256 weights: FLOPs 2*4*256 + 4*4*2*10 = 2368
+    #   -> 2.368 s; bytes 2.56 s => 2.56. router 4*8 = 32 weights: 0.256 s vs 0.32 s => 0.32.
+    # experts: 4 tokens * k=2 = 8 copies on 1 local expert: FLOPs 1536 -> 1.536 s, bytes 0.96 s
+    breakdown = moe["breakdown"]["forward"]
+    assert breakdown["compute"] == pytest.approx(
+        {"attention": 2.56, "router": 0.32, "experts": 1.536, "dense": 0.0, "output": 1.28})
+    # all-to-all: dispatch + combine of 4*2*8 = 64 B (3/4 sent, 2/4 to the other node) and the
+    # probabilities 4*2*4 = 32 B: 3 calls, 120 B of which 80 cross: 3*5 + 40/100 + 80/10.
+    # all-gather of counts: 4*8*3 = 96 B, half the ring hops cross: 5 + 48/100 + 48/10.
+    assert breakdown["comm"] == pytest.approx({"all_to_all": 23.4, "all_gather": 10.28})
+    assert moe["forward"] == pytest.approx(5.696 + 23.4 + 10.28)
+
+
+def test_comm_volume_comes_from_comm_model(monkeypatch):
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "predict", spy)
+    hw = load_hardware(H100)
+    foe, moe = (load_config(p) for p in PAPER)
+    one = project_member(foe, hw, nodes=1, batch=8, prompt_len=1024, gen_len=2)
+    assert set(one["breakdown"]["ttft"]["comm"]) == {"all_reduce"}  # each GPU a cluster
+    model, parallel, world, nodes, tokens, elem_bytes = seen[0][0]
+    assert (world, nodes, tokens, elem_bytes, parallel.ranks_per_cluster) == (8, 1, 8192, 2, 1)
+    four = project_member(foe, hw, nodes=4, batch=32, prompt_len=1024, gen_len=2)
+    assert four["layout"]["ranks_per_cluster"] == 4 and four["layout"]["data"] == 1
+    assert set(four["breakdown"]["ttft"]["comm"]) == {"all_reduce", "all_to_all", "all_gather"}
+    traffic = predict(foe.model, adapt_parallel(foe, 4, 8), 32, 4, 8 * 1024, 2)
+    expected = {op: projection.comm_seconds(v["calls"], v["bytes"], v["cross_node_bytes"],
+                                            hw.intra_node, hw.inter_node)
+                for op, v in traffic.items()}
+    assert four["breakdown"]["ttft"]["comm"] == pytest.approx(expected)
+    assert adapt_parallel(moe, 4, 8) == ParallelConfig(data=32)
+    with pytest.raises(ConfigError, match="token shards"):
+        project_member(moe, hw, nodes=1, batch=3, prompt_len=1024, gen_len=2)
+
+
+def test_paper_pair_projection_cli(tmp_path, capsys):
+    out = tmp_path / "projection.json"
+    project_main(["--pair", *PAPER, "--cluster", H100, "--nodes", "1", "--nodes", "4",
+                  "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "moe/foe" in table and "LongBench-shaped" in table
+    report = json.loads(out.read_text())
+    assert [row["nodes"] for row in report["rows"]] == [1, 4]
+    for row in report["rows"]:
+        assert all(row["ratio"][m] > 0 for m in ("forward", "ttft", "tbt"))
+        assert 0 < row["mean_prompt_len"] <= 4096 - 8
+    with pytest.raises(SystemExit) as stop:
+        project_main(["--pair", *PAPER, "--cluster", H100, "--nodes", "3"])
+    assert stop.value.code == 2
+    assert "moe on 3 node(s)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                    reason="emulated nodes need root and iproute2")
+def test_calibration_on_emulated_nodes(tmp_path, capsys):
+    fit_json, hw_yaml = tmp_path / "fit.json", tmp_path / "emulated.yaml"
+    project_main(["--calibrate", "--link-rate", "1gbit", "--nodes", "2", "--nproc", "4",
+                  "--out", str(fit_json), "--hardware-out", str(hw_yaml)])
+    measured = capsys.readouterr().out  # every point, measured and fitted
+    fit = json.loads(fit_json.read_text())
+    # Per collective and scope, the fitted alpha-beta line reproduces its points (the smallest
+    # size and the sizes above the scope's noise floor, see bench.collectives) within 25%.
+    assert fit["max_error"] <= 0.25, measured
+    for op in ("all_reduce", "all_to_all"):
+        # 1 Gbit/s (~0.93 measured) shared by the node's 2 ranks: ~58 MB/s each
+        assert 35e6 < fit["ops"][op]["inter_node"]["beta"] < 70e6
+        assert fit["ops"][op]["intra_node"]["beta"] > 3 * fit["ops"][op]["inter_node"]["beta"]
+    # the written cluster description projects the emulated setting itself
+    hw = load_hardware(hw_yaml)
+    assert hw.gpus_per_node == 2 and set(hw.per_op) == {"all_reduce", "all_to_all"}
+    refitted = load_hardware(H100, fit_json)  # --calibration: the fitted links, full precision
+    for op, scopes in hw.per_op.items():
+        assert refitted.per_op[op].inter_node.bandwidth == pytest.approx(
+            scopes.inter_node.bandwidth, rel=1e-3)
+    bench = [str(ROOT / "configs/bench/foe.yaml"), str(ROOT / "configs/bench/moe.yaml")]
+    project_main(["--pair", *bench, "--cluster", str(hw_yaml), "--nodes", "2", "--batch", "4",
+                  "--prompt-len", "64", "--json"])
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["foe"]["layout"]["ranks_per_cluster"] == 2 and row["ratio"]["forward"] > 0
+
+
+def test_longbench_shaped_lengths(tmp_path):
+    lengths = prompt_lengths(400, 4096, seed=3)
+    assert lengths == prompt_lengths(400, 4096, seed=3)
+    assert lengths != prompt_lengths(400, 4096, seed=4)
+    assert all(0 < n <= 4096 for n in lengths)
+    # scaled to the model: the longest task average maps to max_len, the mean well below it
+    assert 0.2 * 4096 < statistics.mean(lengths) < 0.6 * 4096
+    assert statistics.mean(prompt_lengths(400, 1024, seed=3)) < statistics.mean(lengths)
+    by_task: dict[str, list[int]] = {}
+    for task, n in sample_requests(3000, 32768, seed=0):
+        by_task.setdefault(task, []).append(n)
+    mean = {task: statistics.mean(v) for task, v in by_task.items()}
+    assert len(mean) == 21
+    assert mean["lcc"] < mean["multi_news"] < mean["gov_report"] < mean["narrativeqa"]
+
+    # real LongBench files: context + input in the tokenizer's tokens (bytes), truncated
+    (tmp_path / "qasper.jsonl").write_text(
+        json.dumps({"context": "x" * 50, "input": "why?"}) + "\n")
+    (tmp_path / "lcc.jsonl").write_text(
+        "".join(json.dumps({"context": "y" * 5000, "input": ""}) + "\n" for _ in range(3)))
+    real = prompt_lengths(20, 1000, seed=1, source=str(tmp_path))
+    assert real == prompt_lengths(20, 1000, seed=1, source=str(tmp_path))
+    assert set(real) == {54, 1000}
