@@ -1,5 +1,5 @@
-"""Identical-budget arithmetic (DESIGN §1): the numbers that must agree before an FoE recipe and
-its MoE baseline may be called a fair pair, computed from the recipe alone (no torch, no
+"""Identical-budget arithmetic (docs/design.md §1): the numbers that must agree before an FoE
+recipe and its MoE baseline may be called a fair pair, computed from the recipe alone (no torch, no
 megatron), so ``foe-budget`` answers in a second and refuses a pair that differs.
 
 Parameter shapes are megatron-core's as built by ``foe_train.model.builder`` (RMSNorm weights,
@@ -50,7 +50,7 @@ def _clusters_and_active_experts(cfg: RecipeConfig) -> tuple[int, int]:
 
 
 def budget(cfg: RecipeConfig) -> dict[str, object]:
-    """Everything DESIGN §1 requires two recipes of a pair to share, for one recipe.
+    """Everything docs/design.md §1 requires two recipes of a pair to share, for one recipe.
 
     total_params: every weight of the whole model once: embedding V*d, output layer V*d when
     untied, final norm d; per layer 2*d*C norms (C = 1 for MoE), attention d*(H+2G)*dh + H*dh*d
@@ -123,19 +123,12 @@ def _compared_value(b: dict, field: str) -> object:
     return value
 
 
-def _differs(x: object, y: object, tolerance: float) -> bool:
-    if _is_number(x) and _is_number(y):
-        return abs(x - y) > tolerance * max(abs(x), abs(y))
-    return x != y
-
-
-def compare(a: dict, b: dict, tolerance: float = 0.01) -> list[str]:
-    """Fields of two budgets that keep them from being a pair: numbers more than ``tolerance``
-    apart (relative to the larger), anything else (optimizer, schedule) not exactly equal.
+def compare(a: dict, b: dict) -> list[str]:
+    """Fields of two budgets that keep them from being a pair: any that is not exactly equal.
+    Every count is an exact integer, so no tolerance hides a real difference;
     total_params and active_params_per_token are compared net of cluster_norm_params, the
-    only difference DESIGN §1 allows."""
-    return [f for f in COMPARED
-            if _differs(_compared_value(a, f), _compared_value(b, f), tolerance)]
+    only difference docs/design.md §1 allows."""
+    return [f for f in COMPARED if _compared_value(a, f) != _compared_value(b, f)]
 
 
 def _text(value: object) -> str:

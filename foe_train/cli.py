@@ -5,18 +5,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from foe_train.config import ConfigError, load_config
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit 2, like every other error
+    (--help still prints the full usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message}; see {self.prog} --help")
 
 
 def bench_main(argv: list[str] | None = None) -> None:
     """foe-bench comm --config PATH --nproc N [--nodes M] [--backward] [key=value ...]
     foe-bench latency --pair A.yaml B.yaml --nproc N [--nodes M] [--link-rate RATE] ...
+    foe-bench train --pair FOE.yaml MOE.yaml --nproc N [--nodes M] [--steps S] ...
     foe-bench project --pair A.yaml B.yaml --cluster HW.yaml --nodes 1 4 ... (see --help)"""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["project"]:
@@ -46,9 +56,22 @@ def bench_main(argv: list[str] | None = None) -> None:
     lat.add_argument("--json", action="store_true")
     lat.add_argument("--out", help="also write the JSON report here")
     lat.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
+    tr = sub.add_parser("train", help="training tokens/s of a FoE/MoE pair, with op profiles")
+    tr.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
+    tr.add_argument("--nproc", type=int, required=True)
+    tr.add_argument("--nodes", type=int, default=1)
+    tr.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
+    tr.add_argument("--steps", type=int, default=20, help="timed steps of each member")
+    tr.add_argument("--warmup", type=int, default=3, help="untimed steps of each member first")
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--out", help="also write the JSON report here")
+    tr.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
     args = ap.parse_args(argv)
     if args.cmd == "latency":
         _latency(args)
+        return
+    if args.cmd == "train":
+        _train_bench(args)
         return
 
     from foe_train.topology import check_layout
@@ -107,38 +130,86 @@ def _latency(args: argparse.Namespace) -> None:
     sys.exit(run_local("foe_train.bench.latency", worker, args.nproc, args.nodes))
 
 
+def _train_bench(args: argparse.Namespace) -> None:
+    """foe-bench train: refuse a bad pair or layout in one line before any process starts
+    (preflight, as foe-train does), then launch the worker like foe-bench latency."""
+    from foe_train.train.preflight import preflight
+
+    try:
+        if args.steps < 1 or args.warmup < 0:
+            raise ConfigError(f"--steps {args.steps} / --warmup {args.warmup}: need at least "
+                              f"one timed step and no negative warm-up")
+        cfgs = [load_config(path, args.overrides) for path in args.pair]
+        if sorted(cfg.model.kind for cfg in cfgs) != ["foe", "moe"]:
+            raise ConfigError(f"--pair: {' and '.join(args.pair)} are model.kind "
+                              f"{' and '.join(c.model.kind for c in cfgs)}; pass one foe and "
+                              f"one moe recipe")
+        for cfg in cfgs:
+            preflight(cfg, args.nproc, args.nodes)
+    except ConfigError as exc:
+        _fail(str(exc))
+    worker = ["--pair", *args.pair, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    worker += ["--json"] if args.json else []
+    worker += ["--out", args.out] if args.out else []
+    worker += args.overrides
+    # kineto's stage and start/stop lines from every rank would bury the report; 6 is above
+    # its highest level (a profiler failure still raises in Python)
+    env = {"KINETO_LOG_LEVEL": os.environ.get("KINETO_LOG_LEVEL", "6")}
+    if args.link_rate:
+        from launch.netns import NetnsError, run_emulated
+
+        try:
+            code = run_emulated("foe_train.bench.train_bench", worker, args.nproc, args.nodes,
+                                args.link_rate, env=env)
+        except NetnsError as exc:
+            _fail(str(exc))
+        sys.exit(code)
+    from launch.torchrun import run_local
+
+    sys.exit(run_local("foe_train.bench.train_bench", worker, args.nproc, args.nodes, env=env))
+
+
 def train_main(argv: list[str] | None = None) -> None:
-    """foe-train --config PATH [--nproc N [--nodes M]] [--resume auto] [key=value ...]
+    """foe-train --config PATH [--nproc N [--nodes M]] [--resume auto|RUN_DIR|CKPT]
+    [--overwrite] [key=value ...]
 
     Under torchrun (LOCAL_RANK set) this process trains; with --nproc it starts torchrun
-    itself for a run on this machine."""
-    ap = argparse.ArgumentParser(prog="foe-train")
-    ap.add_argument("--config")
-    ap.add_argument("--nproc", type=int)
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--resume")
-    ap.add_argument("overrides", nargs="*")
+    itself for a run on this machine, after checking the recipe, the run directory and the
+    checkpoint to resume from, so those errors come before any worker starts."""
+    ap = _OneLineParser(prog="foe-train", description="train an FoE or MoE recipe")
+    ap.add_argument("--config", help="recipe YAML (required)")
+    ap.add_argument("--nproc", type=int, help="start N processes on this machine")
+    ap.add_argument("--nodes", type=int, default=1, help="as M emulated nodes (c10d on loopback)")
+    ap.add_argument("--resume", help="'auto': this run's newest intact checkpoint (none: start "
+                                     "fresh); a run directory; or an iter_N checkpoint")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="the run directory holds an earlier run: move it aside, start over")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     args = ap.parse_args(argv)
-    from foe_train.train.preflight import preflight
+    if not args.config:
+        _fail("--config: required; pass a recipe, e.g. --config configs/quickstart/foe.yaml")
+    from foe_train.train.preflight import preflight, prepare_run_dir
 
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        preflight(load_config(args.config, args.overrides), world, args.nodes)
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, world, args.nodes)
+        if args.nproc is not None:
+            prepare_run_dir(cfg, args.resume, args.overwrite)
     except ConfigError as exc:
         _fail(str(exc))
-    worker = ["--config", args.config] if args.config else []
+    worker = ["--config", args.config]
     worker += ["--resume", args.resume] if args.resume else []
-    worker += args.overrides
     if args.nproc is None:
         if "LOCAL_RANK" not in os.environ:
             _fail("--nproc: not under torchrun; pass --nproc N to start N processes here")
         from foe_train.train.loop import main
 
-        main(worker)
+        main(worker + (["--overwrite"] if args.overwrite else []) + args.overrides)
         return
     from launch.torchrun import run_local
 
-    sys.exit(run_local("foe_train.train", worker, args.nproc, args.nodes))
+    sys.exit(run_local("foe_train.train", worker + args.overrides, args.nproc, args.nodes))
 
 
 def compare_main(argv: list[str] | None = None) -> None:
@@ -146,7 +217,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     import json
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(prog="foe-compare")
+    ap = _OneLineParser(prog="foe-compare", description="final numbers of finished runs")
     ap.add_argument("run_dirs", nargs="+")
     args = ap.parse_args(argv)
     summaries = []
@@ -170,10 +241,11 @@ def compare_main(argv: list[str] | None = None) -> None:
 def budget_main(argv: list[str] | None = None) -> None:
     """foe-budget A.yaml B.yaml [--set-a key=value]... [--set-b key=value]...
 
-    Checks that two recipes are an identical-budget pair (DESIGN §1) before anyone compares
-    their results: prints both budgets side by side, exits 0 when they match, 1 naming the
-    fields that differ, 2 with one line on stderr when a recipe is bad."""
-    ap = argparse.ArgumentParser(
+    Checks that two recipes are an identical-budget pair (docs/design.md §1) before anyone
+    compares their results: prints both budgets side by side, exits 0 when every number is
+    equal (FoE's per-cluster norms excepted), 1 naming the fields that differ, 2 with one line
+    on stderr when a recipe is bad."""
+    ap = _OneLineParser(
         prog="foe-budget", description="compare the training budgets of two recipes"
     )
     ap.add_argument("a", help="first recipe (YAML)")
@@ -196,7 +268,7 @@ def budget_main(argv: list[str] | None = None) -> None:
     if mismatches:
         print(f"not an identical-budget pair: {', '.join(mismatches)} differ")
         sys.exit(1)
-    print("identical-budget pair (within 1%, per-cluster norm params excepted)")
+    print("identical-budget pair (every number equal, FoE's per-cluster norm params excepted)")
     sys.exit(0)
 
 

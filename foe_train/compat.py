@@ -2,8 +2,10 @@
 
 megatron-core calls CUDA APIs unconditionally in a few places. Without CUDA we replace exactly
 those calls with CPU equivalents; with CUDA nothing is touched. Each patch names the
-megatron-core call it serves. The "CUDA" RNG that megatron's tracker forks is emulated by one
-CPU generator, so forks and seeds behave deterministically.
+megatron-core call it serves, and each refuses (CompatError) a name that no longer exists, so
+a megatron-core upgrade cannot leave a patch silently doing nothing. The "CUDA" RNG that
+megatron's tracker forks is emulated by one CPU generator, so forks and seeds behave
+deterministically.
 """
 
 from __future__ import annotations
@@ -109,6 +111,32 @@ def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+class CompatError(RuntimeError):
+    """A patched name is gone (megatron-core or torch changed): the patch would do nothing."""
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """Set ``owner.name``, which must already exist: after an upgrade that renamed or moved it,
+    a plain assignment would add an attribute nothing reads and the CUDA call would stay."""
+    if not hasattr(owner, name):
+        raise CompatError(
+            f"foe_train.compat: {getattr(owner, '__name__', owner)}.{name} no longer exists, so "
+            f"its CPU patch would do nothing; update foe_train/compat.py for this megatron-core"
+        )
+    setattr(owner, name, value)
+
+
+def _define_global(module: types.ModuleType, name: str, value: Any, reader: Any) -> None:
+    """Define a module global that ``reader`` (a function of that module) reads but only an
+    optional import defines; refused when the reader no longer reads it."""
+    if not hasattr(module, name) and name not in reader.__code__.co_names:
+        raise CompatError(
+            f"foe_train.compat: {reader.__qualname__} no longer reads {name}; update "
+            f"foe_train/compat.py for this megatron-core"
+        )
+    setattr(module, name, value)
+
+
 def cuda_absent() -> bool:
     return not torch.cuda.is_available()
 
@@ -128,37 +156,38 @@ def apply_cpu_compat() -> bool:
     from megatron.core.tensor_parallel import random as mc_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
+    cuda, gating = torch.cuda, moe_utils.RouterGatingLinearFunction.forward
     # megatron.core.* (layers, DDP, dist_checkpointing, dispatcher) -> torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
+    _replace(cuda, "current_device", lambda: "cpu")
     # dist_checkpointing save/load and DDP -> torch.cuda.synchronize
-    torch.cuda.synchronize = lambda *a, **k: None
+    _replace(cuda, "synchronize", lambda *a, **k: None)
     # token_dispatcher / DDP overlap -> torch.cuda.Stream, Event, current_stream, stream()
-    torch.cuda.Stream = _NullStream
-    torch.cuda.Event = _NullStream
-    torch.cuda.current_stream = lambda *a, **k: _NullStream()
-    torch.cuda.default_stream = lambda *a, **k: _NullStream()
-    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _replace(cuda, "Stream", _NullStream)
+    _replace(cuda, "Event", _NullStream)
+    _replace(cuda, "current_stream", lambda *a, **k: _NullStream())
+    _replace(cuda, "default_stream", lambda *a, **k: _NullStream())
+    _replace(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     # tensor_parallel.random (CudaRNGStatesTracker.add/fork, model_parallel_cuda_manual_seed)
-    torch.cuda.get_rng_state = _get_rng_state
-    torch.cuda.manual_seed = _manual_seed
-    mc_random._get_cuda_rng_state = _get_rng_state
-    mc_random._set_cuda_rng_state = _set_rng_state
-    # moe_utils.router_gating_linear references te_general_gemm, undefined without TE
-    moe_utils.te_general_gemm = None
+    _replace(cuda, "get_rng_state", _get_rng_state)
+    _replace(cuda, "manual_seed", _manual_seed)
+    _replace(mc_random, "_get_cuda_rng_state", _get_rng_state)
+    _replace(mc_random, "_set_cuda_rng_state", _set_rng_state)
+    # moe_utils.RouterGatingLinearFunction reads te_general_gemm, undefined without TE
+    _define_global(moe_utils, "te_general_gemm", None, gating)
     # token_dispatcher.MoEAlltoAllTokenDispatcher -> maybe_move_tensor_to_cpu(as_numpy=True)
-    moe_utils.maybe_move_tensor_to_cpu = _move_to_cpu
-    token_dispatcher.maybe_move_tensor_to_cpu = _move_to_cpu
+    _replace(moe_utils, "maybe_move_tensor_to_cpu", _move_to_cpu)
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_cpu)
     # fused_softmax.FusedScaleMaskSoftmax.forward_torch_softmax -> get_default_causal_mask
-    fused_softmax.get_default_causal_mask = _causal_mask
+    _replace(fused_softmax, "get_default_causal_mask", _causal_mask)
     # optimizer.FP32Optimizer / MixedPrecisionOptimizer / DistributedOptimizer,
     # clip_grads.get_grad_norm_fp32 and utils.local_multi_tensor_l2_norm (the fallback of
     # apex's multi_tensor_l2norm) -> torch.tensor/zeros(..., device="cuda")
     for module in (mc_optimizer, clip_grads, distrib_optimizer, mc_utils):
-        module.torch = _TorchOnCpu("torch")
+        _replace(module, "torch", _TorchOnCpu("torch"))
     # optimizer.ChainedOptimizer.step, MegatronOptimizer.clip_grad_norm ->
     # clip_grad_by_total_norm_fp32
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
-    mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_by_total_norm
+    _replace(clip_grads, "clip_grad_by_total_norm_fp32", _clip_by_total_norm)
+    _replace(mc_optimizer, "clip_grad_by_total_norm_fp32", _clip_by_total_norm)
     _applied = True
     return True
 

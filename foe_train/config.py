@@ -112,6 +112,9 @@ class TrainingConfig(_Section):
     distributed_optimizer: bool = False
     recompute: bool = False
     bf16: bool | None = None
+    # a collective that waits longer than this (a dead or stopped peer) fails the job instead
+    # of hanging it for torch's 10-30 minute default
+    collective_timeout_s: float = 600.0
 
     @model_validator(mode="after")
     def _schedule(self) -> TrainingConfig:
@@ -124,12 +127,33 @@ class TrainingConfig(_Section):
             raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, training.lr]")
         if min(self.micro_batch_size, self.global_batch_size, self.train_iters) < 1:
             raise ValueError("training: batch sizes and train_iters must be positive")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(
+                f"training.collective_timeout_s={self.collective_timeout_s} must be positive "
+                f"(seconds a collective may wait for its peers)"
+            )
         return self
 
 
 class CheckpointConfig(_Section):
+    """``interval`` steps between saves (0: only the last step and stop signals); ``keep`` the
+    newest complete checkpoints kept, at least the one just written."""
+
     interval: int = 0
     keep: int = 2
+
+    @model_validator(mode="after")
+    def _counts(self) -> CheckpointConfig:
+        if self.keep < 1:
+            raise ValueError(
+                f"checkpoint.keep={self.keep} must be at least 1 (the checkpoint just written "
+                f"is always kept); set checkpoint.keep=1 or more"
+            )
+        if self.interval < 0:
+            raise ValueError(
+                f"checkpoint.interval={self.interval} must be >= 0 (0: save only at the end)"
+            )
+        return self
 
 
 class WandbConfig(_Section):
@@ -148,6 +172,10 @@ class LoggingConfig(_Section):
     progress: bool = True
     comm_report: bool = True  # record the first step's collectives to comm_step.json
     wandb: WandbConfig = WandbConfig()
+
+    def resolved_run_dir(self) -> Path:
+        """The run directory, ``{name}`` filled in, as an absolute path."""
+        return Path(self.run_dir.format(name=self.name)).expanduser().resolve()
 
 
 class RecipeConfig(_Section):
@@ -184,7 +212,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The recipe at ``path`` merged over its ``base:`` chain; ``chain`` holds the recipes
+    that led here, so a cycle is refused instead of recursing until Python gives up."""
+    if path.resolve() in chain:
+        loop = " -> ".join(p.name for p in (*chain[chain.index(path.resolve()):], path))
+        raise ConfigError(f"base: cycle {loop}; remove one of these base: lines")
     if not path.is_file():
         raise ConfigError(f"config: file {path} does not exist; pass an existing recipe path")
     try:
@@ -196,7 +229,7 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config: {path} must hold a mapping at top level")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(_read_yaml((path.parent / base).resolve()), data)
+        data = _merge(_read_yaml((path.parent / base).resolve(), (*chain, path.resolve())), data)
     return data
 
 

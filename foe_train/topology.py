@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from foe_train.config import ConfigError, ModelConfig, ParallelConfig, cluster_topk
+from foe_train.model.federation import Federation
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -70,6 +71,11 @@ def check_layout(
             f"parallel.ranks_per_cluster={L} does not divide the {model.num_experts // C} "
             f"experts of a cluster; pick a divisor of num_experts/clusters"
         )
+    if model.vocab_size % C:
+        raise TopologyError(
+            f"parallel.clusters={C} does not divide model.vocab_size={model.vocab_size}; the "
+            f"clusters split the vocabulary, pad it to a multiple of {C}"
+        )
     if has_dense and model.ffn_hidden_size % C:
         raise TopologyError(
             f"parallel.clusters={C} does not divide model.ffn_hidden_size="
@@ -90,6 +96,29 @@ def check_layout(
                     f"parallel.ranks_per_cluster={L}: cluster {c} (replica {dp}) ranks {ranks} "
                     f"span nodes {nodes}; make ranks_per_cluster divide the processes per node"
                 )
+
+
+def federation_levels(
+    data: int, clusters: int, ranks_per_cluster: int, node_of_rank: list[int]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Rank lists of the two-level federated sum's groups: (members of a federation on one
+    node, one member per node with the same local index), over all federations. Empty when
+    the flat all-reduce is the one to use: a federation on one node, or one member per node,
+    or members spread unevenly over nodes."""
+    local: list[list[int]] = []
+    cross: list[list[int]] = []
+    for dp in range(data):
+        for l in range(ranks_per_cluster):
+            by_node: dict[int, list[int]] = {}
+            for c in range(clusters):
+                rank = (dp * clusters + c) * ranks_per_cluster + l
+                by_node.setdefault(node_of_rank[rank], []).append(rank)
+            per_node = {len(members) for members in by_node.values()}
+            if len(by_node) < 2 or len(per_node) != 1 or per_node == {1}:
+                return [], []
+            local += list(by_node.values())
+            cross += [list(column) for column in zip(*by_node.values(), strict=True)]
+    return local, cross
 
 
 @dataclass
@@ -150,6 +179,25 @@ class Topology:
             intra_dp_cp=dp, intra_expt_dp=expt_dp,
         )
 
+    def model_pg_collection(self) -> ProcessGroupCollection:
+        """Groups of the GPTModel around the layers: for FoE the federation is the TP group of
+        the embedding and output layer, which split the vocabulary over it (``model.head``);
+        each FoE layer is built with its cluster's groups instead."""
+        pgc = self.cluster_pg_collection()
+        pgc.tp = self.vocab_group
+        return pgc
+
+    def federation(self) -> Federation:
+        """The federated sum's groups: two-level when several members share a node and the
+        federation spans nodes, else the flat federation group."""
+        return Federation(self.groups["federation"], self.groups.get("federation_local"),
+                          self.groups.get("federation_cross"))
+
+    @property
+    def vocab_group(self) -> dist.ProcessGroup:
+        """The group the vocabulary (embedding, logits, loss) is split over."""
+        return self.groups["federation" if self.kind == "foe" else "single"]
+
     def optimizer_pg_collection(self) -> ProcessGroupCollection:
         """Groups for megatron's optimizer. Gradient-norm statistics reduce over the
         federation (dense) and the replica (experts), so every cluster's parameters count
@@ -163,11 +211,13 @@ class Topology:
         return pgc
 
     def mark_shared_duplicates(self, model: torch.nn.Module) -> None:
-        """Weights every cluster holds a copy of (embedding, final norm, output layer) are
-        counted by cluster 0 only in gradient norms, megatron's ``param.shared`` convention."""
+        """Weights every cluster holds a copy of (the final norm; the embedding and output
+        layer are split, not copied) are counted by cluster 0 only in gradient norms,
+        megatron's ``param.shared`` convention."""
         if self.kind == "foe" and self.cluster > 0:
             for name, param in model.named_parameters():
-                if "decoder.layers." not in name:
+                split = getattr(param, "tensor_model_parallel", False)
+                if "decoder.layers." not in name and not split:
                     param.shared = True
 
     def describe(self) -> str:
@@ -206,6 +256,10 @@ def build_topology(model: ModelConfig, parallel: ParallelConfig) -> Topology:
             "expert_dp": grid.create_pg("dp"),
             "replica": grid.create_pg(["ep", "fed"]),
         }
+        local, cross = federation_levels(D, C, L, nodes)
+        if local:
+            groups["federation_local"], _ = dist.new_subgroups_by_enumeration(local)
+            groups["federation_cross"], _ = dist.new_subgroups_by_enumeration(cross)
         topo = Topology("foe", world, rank, nodes, D, C, L, L, groups)
     else:
         ep = expert_parallel_size(parallel, world)

@@ -11,12 +11,19 @@ import shlex
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import NoReturn
 
 from foe_train.config import ConfigError, RecipeConfig, load_config
 from launch.cluster import load_cluster, placement
 from launch.slurm import BatchJob, render, submit
+
+# The README's example; a recipe's D*C*L must fill nodes x GPUs (here 2 x 8 = 16).
+EXAMPLE = """example (2 nodes of 8 H100s, the paper pair's 8 clusters twice over):
+  foe-launch slurm --config configs/paper/foe.yaml --cluster configs/clusters/h100-8x.yaml \\
+      --nodes 2 --dry-run parallel.data=2
+  (--cluster or --venv says how the job finds foe-train; drop --dry-run to submit)"""
 
 
 def _fail(msg: str, code: int = 2) -> NoReturn:
@@ -52,7 +59,11 @@ def _recipe_args(ap: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """foe-launch torchrun|slurm --config PATH ... [key=value ...] (see --help)."""
-    ap = argparse.ArgumentParser(prog="foe-launch", description=__doc__.split("\n")[0])
+    first_sentence = " ".join(__doc__.split(". ")[0].split()) + "."
+    ap = argparse.ArgumentParser(
+        prog="foe-launch", description=textwrap.fill(first_sentence),
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     tr = sub.add_parser("torchrun", help="print the torchrun command of every node")

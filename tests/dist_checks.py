@@ -10,14 +10,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from foe_train.config import RecipeConfig, cluster_topk
+from foe_train.model import head
 from foe_train.model.builder import (
     build_model,
     count_parameters,
     gather_cluster_state_dicts,
+    head_shard,
     wrap_ddp,
 )
+from foe_train.model.head import head_group
 from foe_train.model.oracle import ReferenceFoE
-from foe_train.topology import build_topology
+from foe_train.topology import build_topology, node_map
 from foe_train.train.loop import build_optimizer
 
 TINY = {
@@ -39,11 +42,19 @@ def shard(data: torch.Tensor, topo) -> torch.Tensor:
 
 
 def loss_and_logits(model, tokens):
+    """Loss through the split head, and the full-vocabulary logits (detached) to compare."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     pos = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
     logits = model(inputs, pos, None)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-    return loss, logits
+    group = head_group(model)
+    loss = head.cross_entropy(logits, labels, group).mean()
+    return loss, head.gather_logits(logits.detach(), group)
+
+
+def ref_loss_and_logits(ref, tokens):
+    logits = ref(tokens[:, :-1])
+    labels = tokens[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)), logits
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,7 +85,7 @@ def oracle_check(cfg, topo) -> dict:
     k = cluster_topk(cfg.model, C) if C > 1 else cfg.model.moe_router_topk
     ref = ReferenceFoE(cfg.model, C, k, cfg.model.residual_sync)
     ref.load_megatron(weights)
-    ref_loss, ref_logits = loss_and_logits(lambda t, p, m: ref(t), data)
+    ref_loss, ref_logits = ref_loss_and_logits(ref, data)
     ref_loss.backward()
     ref_grads = ref.megatron_grads()
     grad_err = {f"c{c}:{k}": rel(grads[c][k], g) for c in range(C) for k, g in ref_grads[c].items()}
@@ -103,11 +114,34 @@ def shared_sync_check(cfg, topo, steps: int = 5) -> dict:
         for p in gpt.parameters():
             p.grad = p.main_grad
         opt.step()
-    shared = {n: p.detach().clone() for n, p in gpt.named_parameters() if "decoder.layers" not in n}
+    outside = {n: p.detach().clone() for n, p in gpt.named_parameters()
+               if "decoder.layers" not in n}
     everyone: list = [None] * topo.world_size
-    dist.all_gather_object(everyone, shared)
-    identical = all(torch.equal(everyone[0][n], other[n]) for other in everyone for n in shared)
-    return {"shared_identical": identical, "shared_params": sorted(shared)}
+    dist.all_gather_object(everyone, (topo.cluster, outside))
+    split = sorted(n for n in outside if head_shard(n, topo))
+    shared = sorted(set(outside) - set(split))
+    identical = all(torch.equal(everyone[0][1][n], other[n]) for _, other in everyone
+                    for n in shared)
+    # a vocabulary shard is held by every rank of one cluster (token-DP replicas)
+    identical &= all(torch.equal(a[n], b[n]) for ca, a in everyone for cb, b in everyone
+                     if ca == cb for n in split)
+    return {"shared_identical": identical, "shared_params": shared, "split_params": split}
+
+
+def head_cost(gpt, topo) -> dict:
+    """Per rank: output-layer multiply-adds of one forward on this rank's share of BATCH
+    sequences, and the elements of the weights outside the decoder layers."""
+    macs = []
+    hook = gpt.output_layer.register_forward_hook(
+        lambda m, inputs, out: macs.append(inputs[0].shape[0] * inputs[0].shape[1]
+                                           * m.weight.shape[0] * m.weight.shape[1]))
+    with torch.no_grad():
+        tokens = shard(batch(), topo)
+        inputs = tokens[:, :-1]
+        gpt(inputs, torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs), None)
+    hook.remove()
+    memory = sum(p.numel() for n, p in gpt.named_parameters() if "decoder.layers" not in n)
+    return {"output_macs": macs[0], "outside_layers_numel": memory}
 
 
 def same_function_check() -> dict:
@@ -139,6 +173,7 @@ def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
         cfg = RecipeConfig.model_validate({"model": model, "parallel": parallel})
         topo = build_topology(cfg.model, cfg.parallel)
         results[mode or "moe"] = oracle_check(cfg, topo)
+        results["two_level"] = kind == "foe" and topo.federation().two_level
         results[mode or "moe"].update(shared_sync_check(cfg, topo))
     if kind == "foe" and dispatcher == "alltoall":
         for other in ("foe", "moe"):
@@ -147,6 +182,7 @@ def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
             topo = build_topology(cfg.model, cfg.parallel)
             gpt = build_model(cfg.model, topo)
             results[f"params_{other}"] = count_parameters(gpt, cfg.model, topo)
+            results[f"head_{other}"] = head_cost(gpt, topo)
     return results
 
 
@@ -159,7 +195,7 @@ def main() -> None:
     ap.add_argument("--same-function", action="store_true")
     args = ap.parse_args()
     dist.init_process_group("gloo")
-    results = {}
+    results = {"launch": {"nodes": len(set(node_map()))}}
     for spec in args.foe:
         layout, _, dispatcher = spec.partition(":")
         D, C, L = (int(x) for x in layout.split(","))

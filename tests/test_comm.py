@@ -1,5 +1,5 @@
 """foe-bench comm end to end: real torchrun agents (two of them for two nodes, c10d
-rendezvous, so node identity is torchrun's), counted bytes vs the DESIGN §3 formulas."""
+rendezvous, so node identity is torchrun's), counted bytes vs the design §3 formulas."""
 
 import json
 import subprocess
@@ -33,9 +33,25 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
              "model.moe_layer_freq=[1,0]")
     assert "all_to_all" not in r["counted"]
     assert r["counted"] == r["predicted"]
-    # two sums per layer forward, two copies per layer backward, over the 4-cluster federation
-    assert r["counted"]["all_reduce"]["calls"] == 8
+    # two sums per layer forward, two copies per layer backward, over the 4-cluster federation,
+    # plus the split head's embedding sum (forward) and output-layer input gradient (backward)
+    assert r["counted"]["all_reduce"]["calls"] == 10
     assert {tuple(c[:2]) for c in r["collectives"]} == {("all_reduce", "federation")}
+
+
+def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
+    r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
+             "model.cluster_topk=1")
+    assert r["counted"] == r["predicted"]
+    kinds = {tuple(c[:2]): c[2] for c in r["collectives"]}
+    assert kinds[("reduce_scatter_tensor", "federation_local")] is False
+    assert kinds[("all_gather_into_tensor", "federation_local")] is False
+    assert kinds[("all_reduce", "federation_cross")] is True
+    # per node, each two-level sum sends 2(N-1)/N * T*d*b across nodes (N = 2 nodes,
+    # T = 32 tokens, d = 128, b = 4): 3 sums forward (2 layers + the fold), 4 copies backward
+    per_node = 2 * r["by_kind"]["all_reduce@federation_cross"]["cross_node_bytes"]
+    assert per_node == 7 * 32 * 128 * 4 * 2 * (2 - 1) // 2
+    assert r["by_kind"]["reduce_scatter@federation_local"]["cross_node_bytes"] == 0
 
 
 def test_foe_clusters_on_nodes_keep_all_to_all_inside(tmp):

@@ -3,6 +3,7 @@ and on a CUDA machine nothing is touched."""
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -92,3 +93,33 @@ def test_nothing_is_patched_when_cuda_is_present():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_patching_a_name_megatron_no_longer_has_is_refused():
+    code = (
+        "from megatron.core.fusions import fused_softmax\n"
+        "del fused_softmax.get_default_causal_mask\n"
+        "from foe_train import compat\n"
+        "try:\n"
+        "    compat.apply_cpu_compat()\n"
+        "except compat.CompatError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    raise SystemExit('patched a missing name without complaint')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fused_softmax.get_default_causal_mask no longer exists" in out.stdout
+
+
+def test_optional_global_must_still_be_read():
+    module = types.ModuleType("fake_moe_utils")
+
+    def reads():
+        return te_general_gemm  # noqa: F821 (defined by the patch, as in moe_utils)
+
+    compat._define_global(module, "te_general_gemm", None, reads)
+    assert module.te_general_gemm is None
+    with pytest.raises(compat.CompatError, match="no longer reads other_gemm"):
+        compat._define_global(module, "other_gemm", None, reads)

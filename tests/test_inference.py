@@ -96,21 +96,20 @@ def test_generation_identical_across_topologies(results):
 
 
 def test_top_p_keeps_the_nucleus_and_the_vocabulary():
-    topo = SimpleNamespace(kind="moe")
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]])).expand(200, -1).clone()
     gens = [torch.Generator().manual_seed(i) for i in range(200)]
     active = torch.ones(200, dtype=torch.bool)
 
     def drawn(top_p: float, vocab_size: int | None = None) -> set[int]:
         sampling = Sampling(temperature=1.0, top_p=top_p)
-        return set(choose(logits, sampling, gens, active, topo, vocab_size).tolist())
+        return set(choose(logits, sampling, gens, active, None, vocab_size).tolist())
 
     assert drawn(0.5) == {0}
     assert drawn(0.85) == {0, 1}
     assert drawn(1.0) == {0, 1, 2}
     assert drawn(1.0, vocab_size=2) == {0, 1}
-    assert set(choose(logits, Sampling(), gens, active, topo).tolist()) == {0}
-    inactive = choose(logits, Sampling(1.0, 1.0), gens, torch.zeros(200, dtype=torch.bool), topo)
+    assert set(choose(logits, Sampling(), gens, active).tolist()) == {0}
+    inactive = choose(logits, Sampling(1.0, 1.0), gens, torch.zeros(200, dtype=torch.bool))
     assert set(inactive.tolist()) == {0}
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}):
         with pytest.raises(ConfigError):
@@ -151,8 +150,12 @@ def test_foe_generate_from_a_foe_train_checkpoint(tmp_path):
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
         # loaded at another layout than the 1 x 2 x 2 it was saved at
         ckpt = tmp_path / "checkpoints" / "iter_0000002"
-        loaded = _finish(_generate("--checkpoint", str(ckpt), *prompts, "parallel.data=2",
-                                   "parallel.ranks_per_cluster=1"))
+        proc = _generate("--checkpoint", str(ckpt), *prompts, "parallel.data=2",
+                         "parallel.ranks_per_cluster=1")
+        loaded, said = proc.communicate(timeout=600)
+        assert proc.returncode == 0, said[-4000:]
+        # it says which weights it loaded before generating (stdout stays the text alone)
+        assert f"foe-generate: checkpoint {ckpt}, 4 processes, 2 prompt(s)" in said
         fresh_out = _finish(fresh)
     finally:
         if fresh.poll() is None:

@@ -3,28 +3,27 @@ oracle (forward and every gradient), C = 1 equivalence, shared weights in sync, 
 budget. One torchrun launch per world size runs all topologies of that size."""
 
 import json
-import os
-import subprocess
 
 import pytest
 
-from launch.torchrun import torchrun_commands
+from launch.torchrun import run_local
 
+# (processes, nodes): the 4-rank launch runs as 2 torchrun agents (2 emulated nodes), so
+# (1,4,1) sums two-level (two clusters per node) while (2,2,1) keeps its federations on one node
 LAUNCHES = {
-    1: ["--foe", "1,1,1", "--moe", "1", "--same-function"],
-    2: ["--foe", "1,2,1", "--moe", "2"],
-    4: ["--foe", "1,4,1", "1,2,2", "2,2,1", "1,2,2:allgather", "--moe", "4", "4:allgather"],
+    (1, 1): ["--foe", "1,1,1", "--moe", "1", "--same-function"],
+    (2, 1): ["--foe", "1,2,1", "--moe", "2"],
+    (4, 2): ["--foe", "1,4,1", "1,2,2", "2,2,1", "1,2,2:allgather", "--moe", "4", "4:allgather"],
 }
 
 
 @pytest.fixture(scope="module", params=sorted(LAUNCHES))
 def results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("core") / "results.json"
-    (cmd,) = torchrun_commands("tests.dist_checks", [*LAUNCHES[request.param], "--out", str(out)],
-                               nproc=request.param)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    nproc, nodes = request.param
+    code = run_local("tests.dist_checks", [*LAUNCHES[request.param], "--out", str(out)],
+                     nproc, nodes, timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert code == 0
     return json.loads(out.read_text())
 
 
@@ -45,12 +44,42 @@ def test_oracle_equivalence_forward_and_backward(results):
     assert checked >= 3
 
 
+def test_two_level_sum_ran_where_clusters_share_nodes(results):
+    """On 2 nodes x 2 ranks, (1,4,1) puts two clusters of each federation on a node: its
+    sums (checked against the oracle above) are two-level; the others stay flat."""
+    if results["launch"]["nodes"] == 1:
+        assert not any(r.get("two_level") for n, r in results.items() if n != "launch")
+        return
+    assert results["foe:1,4,1"]["two_level"]
+    assert not results["foe:1,2,2"]["two_level"] and not results["foe:2,2,1"]["two_level"]
+
+
 def test_shared_parameters_identical_after_steps(results):
     for name, per_mode in results.items():
         for mode, r in per_mode.items():
             if isinstance(r, dict) and "shared_identical" in r:
                 assert r["shared_identical"], (name, mode)
-                assert "output_layer.weight" in r["shared_params"]
+                assert "decoder.final_layernorm.weight" in r["shared_params"]
+                clusters = int(name.split(",")[1]) if name.startswith("foe:") else 1
+                split = {"embedding.word_embeddings.weight", "output_layer.weight"}
+                assert set(r["split_params"]) == (split if clusters > 1 else set()), name
+
+
+def test_split_head_costs_what_the_baseline_does(results):
+    """Per rank, FoE's output layer does the baseline's multiply-adds (not C times: each
+    cluster scores V/C of the vocabulary for its federation's C-times-larger token shard), and
+    holds 1/C of the vocabulary weights instead of a copy."""
+    checked = 0
+    for name, r in results.items():
+        if name.startswith("foe:") and "head_foe" in r:
+            clusters = int(name.split(",")[1])
+            foe, moe = r["head_foe"], r["head_moe"]
+            assert foe["output_macs"] == moe["output_macs"], (name, foe, moe)
+            d, vocab = 32, 64
+            assert moe["outside_layers_numel"] == 2 * vocab * d + d
+            assert foe["outside_layers_numel"] == 2 * vocab * d // clusters + d, name
+            checked += 1
+    assert checked >= 1
 
 
 def test_parameter_budget_differs_by_cluster_norms(results):

@@ -2,7 +2,7 @@
 
 C=1: the whole GPTModel (logits, loss, every grad). C=2: megatron's own per-cluster layer
 modules (one GPTModel per cluster, per-cluster config) composed by the federated-sum formulas
-of DESIGN.md section 1, which is the independent statement of the FoE math.
+of docs/design.md §1, which is the independent statement of the FoE math.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def test_baseline_matches_megatron_gpt(build, k, pre_softmax, freq):
 
 
 def _megatron_foe(gpts, tokens: torch.Tensor, mode: str) -> torch.Tensor:
-    """DESIGN.md section 1 written with megatron's per-cluster layer modules ([s, b, d])."""
+    """design §1 (docs/design.md) written with megatron's per-cluster layer modules ([s, b, d])."""
     shared = gpts[0]
     h = shared.embedding(input_ids=tokens, position_ids=None)
     rope = shared.rotary_pos_emb(S)

@@ -4,7 +4,11 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
 (every rank sends each expert-rank the same number of token copies):
 - FoE federated sum: a ring all-reduce of T*d*b over C clusters sends 2*(C-1)/C*T*d*b; once per
   layer plus once after the last (post_attention), or twice per layer (post_attention_and_moe).
-  Backward: one all-reduce per copy into cluster work (two per layer in both modes).
+  Backward: one all-reduce per copy into cluster work (two per layer in both modes). With m
+  members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
+  node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
+  all-gather inside the node. The split head adds one flat sum forward (embedding) and one
+  backward (output layer input gradient).
 - All-to-all over P expert ranks on N nodes (FoE: P = L inside one node): dispatch and combine
   each send T*k*d*b*(P-1)/P; megatron's dispatcher also sends the routing probabilities
   (T*k*4*(P-1)/P, float32) and all-gathers each rank's per-expert token counts (E*8 bytes).
@@ -19,7 +23,7 @@ from collections import defaultdict
 from fractions import Fraction
 
 from foe_train.config import ModelConfig, ParallelConfig, cluster_topk
-from foe_train.topology import expert_parallel_size
+from foe_train.topology import expert_parallel_size, federation_levels
 
 PROB_BYTES = 4
 COUNT_BYTES = 8
@@ -57,7 +61,21 @@ def _rank_traffic(
             cluster = (rank // L) % C
             successor = rank + L if cluster < C - 1 else rank - (C - 1) * L
             nbytes = _ring(C, tokens * d * elem_bytes)
-            add("all_reduce", sums, nbytes, nbytes if node(successor) != node(rank) else 0 * nbytes)
+            flat_cross = nbytes if node(successor) != node(rank) else 0 * nbytes
+            # the split head: the embedding sums its vocabulary shards' rows forward, the
+            # output layer its input gradient backward, both flat over the federation
+            add("all_reduce", 2 if backward else 1, nbytes, flat_cross)
+            local, cross = federation_levels(
+                parallel.data, C, L, [node(r) for r in range(world_size)]
+            )
+            if local:
+                m, spanned = len(local[0]), len(cross[0])
+                part = Fraction(-(-tokens * d // m) * elem_bytes)
+                add("reduce_scatter", sums, (m - 1) * part, 0 * part)
+                add("all_reduce", sums, _ring(spanned, part), _ring(spanned, part))
+                add("all_gather", sums, (m - 1) * part, 0 * part)
+            else:
+                add("all_reduce", sums, nbytes, flat_cross)
     else:
         P = expert_parallel_size(parallel, world_size)
         k, E = model.moe_router_topk, model.num_experts

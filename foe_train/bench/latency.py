@@ -26,6 +26,7 @@ from foe_train.bench.comm_run import mean_over_ranks
 from foe_train.config import ConfigError, RecipeConfig, load_config
 from foe_train.infer.generate import decode_step, new_context, prefill
 from foe_train.model.builder import build_model
+from foe_train.model.head import greedy
 from foe_train.topology import Topology, build_topology
 
 
@@ -65,10 +66,11 @@ def one_request(member: Member, tokens: torch.Tensor, gen_len: int) -> dict[str,
     with torch.no_grad():
         _, forward = timed(lambda: member.model(tokens, position, None))
     context = new_context(tokens.shape[0], tokens.shape[1] + gen_len)
-    nxt, ttft = timed(lambda: prefill(member.model, context, tokens).argmax(-1))
+    group = member.topo.vocab_group
+    nxt, ttft = timed(lambda: greedy(prefill(member.model, context, tokens), group))
     steps = []
     for _ in range(gen_len - 1):
-        nxt, step = timed(lambda t=nxt: decode_step(member.model, context, t).argmax(-1))
+        nxt, step = timed(lambda t=nxt: greedy(decode_step(member.model, context, t), group))
         steps.append(step)
     total = ttft + sum(steps)
     return {"forward": [forward], "ttft": [ttft], "tbt": steps,

@@ -22,6 +22,7 @@ from foe_train.infer.generate import (
     prefill,
     shard_prompts,
 )
+from foe_train.model import head
 from foe_train.model.builder import build_model
 from foe_train.topology import Topology, build_topology
 
@@ -80,7 +81,7 @@ def greedy_by_recompute(model: GPTModel, topo: Topology, prompts: list[list[int]
     for row, i in enumerate(mine):
         seq[row, :len(prompts[i])] = torch.tensor(prompts[i])
     for pos in range(min(PROMPT_LENGTHS), total):
-        chosen = _full_last(model, seq[:, :pos]).argmax(-1)
+        chosen = head.greedy(_full_last(model, seq[:, :pos]), topo.vocab_group)
         seq[:, pos] = torch.where(pos >= lengths, chosen, seq[:, pos])
     out = {i: seq[row, len(prompts[i]):len(prompts[i]) + NEW_TOKENS].tolist()
            for row, i in enumerate(mine)}

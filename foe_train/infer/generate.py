@@ -15,8 +15,10 @@ attention and every position is exact. Every rank makes the same number of forwa
 lengths agreed over the job, because all-to-alls and federated sums are collectives.
 
 Sampling: greedy (temperature 0) or top-p at a temperature, each prompt with its own generator
-seeded by (seed, prompt index), so a prompt's text does not depend on its batch-mates. FoE: the
-federation's first rank broadcasts its tokens, so every cluster continues with the same one.
+seeded by (seed, prompt index), so a prompt's text does not depend on its batch-mates. FoE's
+clusters each hold V/C of the logits (the split head): greedy picks the best of the shards'
+best without gathering the logits; top-p gathers them and the federation's first rank
+broadcasts its draw, so every cluster continues with the same token.
 
 Run ``foe-generate`` (``main``): it starts torchrun itself unless already under it.
 """
@@ -43,6 +45,7 @@ from foe_train.config import (
     load_config,
 )
 from foe_train.data.tokenizers import build_tokenizer
+from foe_train.model import head
 from foe_train.model.builder import build_model
 from foe_train.topology import Topology, build_topology, check_layout
 from foe_train.train import checkpoint
@@ -74,6 +77,8 @@ def _forward(
 ) -> torch.Tensor:
     start = context.sequence_len_offset
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+    # megatron refuses inference without gathering; the output layer keeps the vocabulary
+    # shards all the same (head.keep_logits_split)
     logits = model(tokens, positions.unsqueeze(0).expand_as(tokens), None,
                    inference_context=context, runtime_gather_output=True)
     context.increment_sequence_len_offset(tokens.shape[1])
@@ -83,7 +88,8 @@ def _forward(
 @torch.no_grad()
 def prefill(model: GPTModel, context: StaticInferenceContext, tokens: torch.Tensor) -> torch.Tensor:
     """Run the prompts [b, s] through the model (in eval mode), filling the cache from
-    position 0; returns the last position's logits [b, V]. Timing hook: TTFT is this plus
+    position 0; returns the last position's logits [b, V/C] (this rank's vocabulary shard,
+    ``model.head``). Timing hook: TTFT is this plus
     choosing the first token."""
     context.reset()
     return _forward(model, context, tokens)
@@ -93,7 +99,8 @@ def prefill(model: GPTModel, context: StaticInferenceContext, tokens: torch.Tens
 def decode_step(
     model: GPTModel, context: StaticInferenceContext, tokens: torch.Tensor
 ) -> torch.Tensor:
-    """Append one token per sequence ([b]) at the cache's offset; returns its logits [b, V].
+    """Append one token per sequence ([b]) at the cache's offset; returns its logits
+    [b, V/C].
     Timing hook: TBT is this plus choosing the token."""
     context.enable_decode_mode()
     return _forward(model, context, tokens.unsqueeze(1))
@@ -108,21 +115,24 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def choose(
     logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator],
-    active: torch.Tensor, topo: Topology, vocab_size: int | None = None,
+    active: torch.Tensor, group: dist.ProcessGroup | None = None, vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """The next token of every sequence ([b]), identical on all ranks of a federation. Only
+    """The next token of every sequence ([b]) from this rank's vocabulary shard of the logits,
+    identical on all ranks of the ``group`` the vocabulary is split over (None: not split).
+    Greedy never gathers the logits (each shard offers its best); top-p gathers them. Only
     ``active`` rows (those past their prompt) draw from their generator; ids at or above
     ``vocab_size`` (the model's padding of the tokenizer's vocabulary) are never chosen."""
-    logits = logits.float()
+    if sampling.temperature == 0:
+        return head.greedy(logits, group, vocab_size)
+    logits = head.gather_logits(logits.float(), group)
     if vocab_size is not None:
         logits[:, vocab_size:] = float("-inf")
     tokens = logits.argmax(-1)
-    if sampling.temperature > 0:
-        probs = _nucleus(torch.softmax(logits / sampling.temperature, -1).cpu(), sampling.top_p)
-        for i in active.nonzero().flatten().tolist():
-            tokens[i] = int(torch.multinomial(probs[i], 1, generator=generators[i]))
-    if topo.kind == "foe" and topo.clusters > 1:
-        dist.broadcast(tokens, group=topo.groups["federation"], group_src=0)
+    probs = _nucleus(torch.softmax(logits / sampling.temperature, -1).cpu(), sampling.top_p)
+    for i in active.nonzero().flatten().tolist():
+        tokens[i] = int(torch.multinomial(probs[i], 1, generator=generators[i]))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.broadcast(tokens, group=group, group_src=0)
     return tokens
 
 
@@ -166,7 +176,8 @@ def generate(
     for pos in range(shortest, total):
         active = pos >= lengths
         seq[:, pos] = torch.where(
-            active, choose(logits, sampling, generators, active.cpu(), topo, vocab_size),
+            active,
+            choose(logits, sampling, generators, active.cpu(), topo.vocab_group, vocab_size),
             seq[:, pos],
         )
         if pos + 1 < total:
@@ -331,10 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     if under_torchrun:
+        if os.environ.get("RANK") == "0":
+            weights = f"checkpoint {path}" if path else f"random weights ({args.config})"
+            print(f"foe-generate: {weights}, {nproc} processes, {len(args.prompt)} prompt(s)",
+                  file=sys.stderr, flush=True)
         _worker(args, cfg, path)
         return
     from launch.torchrun import run_local
 
+    print(f"foe-generate: starting {nproc} processes", file=sys.stderr, flush=True)
     sys.exit(run_local("foe_train.infer.generate", _worker_argv(args), nproc))
 
 

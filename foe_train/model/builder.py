@@ -1,6 +1,7 @@
 """Build the GPT model of a recipe: FoE (clusters of FoELayer) or the stock megatron-core MoE
-baseline, from one model section. Embedding, rotary, final norm and output layer are ordinary
-GPTModel parts, replicated on every cluster."""
+baseline, from one model section. Embedding, final norm and output layer are ordinary GPTModel
+parts; for FoE the embedding and output layer are split over the federation's vocabulary
+(``model.head``), so no cluster repeats another's work on them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
+from foe_train.model.head import SPLIT_PARAMS, keep_logits_split
 from foe_train.model.layer import BalancedTopKRouter, FoELayer
 from foe_train.topology import Topology
 
@@ -90,7 +92,7 @@ def block_spec(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
-        "federation": topo.groups["federation"],
+        "federation": topo.federation(),
         "residual_sync": model.residual_sync,
     }
     specs = []
@@ -121,9 +123,10 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
         share_embeddings_and_output_weights=not model.untie_embeddings,
-        pg_collection=topo.cluster_pg_collection(),
+        pg_collection=topo.model_pg_collection(),
     )
     init_weights(gpt, model, topo, seed)
+    keep_logits_split(gpt)
     for name, param in gpt.named_parameters():
         # megatron marks experts expert-parallel only when EP > 1; we always do, so expert
         # grads reduce over expert-DP and the optimizer (hence a checkpoint's layout) has the
@@ -133,6 +136,13 @@ def build_model(
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def head_shard(name: str, topo: Topology) -> tuple[int, int] | None:
+    """(index, count) of this rank's vocabulary shard of a split-head weight, else None."""
+    if topo.kind == "foe" and topo.clusters > 1 and name.removeprefix("module.") in SPLIT_PARAMS:
+        return topo.cluster, topo.clusters
+    return None
 
 
 def global_name(name: str, topo: Topology, experts_per_rank: int) -> str:
@@ -163,7 +173,10 @@ def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
             scaled = "linear_proj" in name or "linear_fc2" in name
             std = out_std if scaled else model.init_method_std
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
+            shard = head_shard(name, topo)
+            shape = (param.shape[0] * shard[1], *param.shape[1:]) if shard else param.shape
+            full = torch.randn(shape, generator=gen) * std
+            param.copy_(full.chunk(shard[1])[shard[0]] if shard else full)
 
 
 def named_global_parameters(
@@ -176,9 +189,15 @@ def named_global_parameters(
         yield global_name(name.removeprefix("module."), topo, per_rank), param
 
 
+def _shard_key(name: str, topo: Topology) -> str:
+    shard = head_shard(name, topo)
+    return f"{name}#{shard[0]}" if shard else name
+
+
 def count_parameters(gpt: torch.nn.Module, model: ModelConfig, topo: Topology) -> int:
     """Total parameters of the whole model over all ranks, each weight counted once."""
-    local = {name: param.numel() for name, param in named_global_parameters(gpt, model, topo)}
+    local = {_shard_key(name, topo): param.numel()
+             for name, param in named_global_parameters(gpt, model, topo)}
     everything: list[object] = [None] * topo.world_size
     dist.all_gather_object(everything, local)
     merged: dict[str, int] = {}
@@ -191,27 +210,35 @@ def gather_cluster_state_dicts(
     gpt: torch.nn.Module, model: ModelConfig, topo: Topology, grads: bool = False
 ) -> list[dict[str, torch.Tensor]] | None:
     """Every cluster's full state (or gradients) in megatron key names, experts numbered
-    within the cluster, on rank 0 (None elsewhere). Shared weights appear in every cluster."""
+    within the cluster, on rank 0 (None elsewhere). Shared weights appear in every cluster,
+    the split head's vocabulary shards joined."""
     local = {}
     for name, param in named_global_parameters(gpt, model, topo):
         value = getattr(param, "main_grad", None) if grads else param
         if grads and value is None:
             value = param.grad
-        local[name] = value.detach().float().cpu().clone()
+        local[_shard_key(name, topo)] = value.detach().float().cpu().clone()
     everything: list[object] = [None] * topo.world_size
     dist.all_gather_object(everything, local)
     if topo.rank != 0:
         return None
     clusters = topo.clusters if topo.kind == "foe" else 1
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(clusters)]
+    shards: dict[str, dict[int, torch.Tensor]] = {}
     for part in everything:
         for key, value in part.items():
             if key.startswith("cluster"):
                 prefix, name = key.split("/", 1)
                 out[int(prefix.removeprefix("cluster"))][name] = value
+            elif "#" in key:
+                name, index = key.split("#")
+                shards.setdefault(name, {})[int(index)] = value
             else:
                 for sd in out:
                     sd[key] = value
+    for name, parts in shards.items():
+        for sd in out:
+            sd[name] = torch.cat([parts[i] for i in sorted(parts)])
     return out
 
 

@@ -3,9 +3,9 @@
 A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
 G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
 the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums,
-which are megatron's tensor-parallel autograd pair applied to the federation group:
-``copy`` (forward identity, backward all-reduce) where the replicated residual enters cluster
-work, ``reduce`` (forward all-reduce, backward identity) where cluster outputs rejoin it.
+with megatron's tensor-parallel autograd pair over the federation (``model.federation``, flat
+or two-level): ``copy`` (forward identity, backward sum) where the replicated residual enters
+cluster work, ``reduce`` (forward sum, backward identity) where cluster outputs rejoin it.
 
 In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers; it
 travels concatenated to the residual as a [s, b, 2d] hidden state. Layer 0 receives [s, b, d]
@@ -19,15 +19,11 @@ from typing import Any
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region as copy_to_federation,
-)
-from megatron.core.tensor_parallel.mappings import (
-    reduce_from_tensor_model_parallel_region as reduce_from_federation,
-)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from foe_train.model.federation import Federation, copy_to_federation, reduce_from_federation
 
 
 class FoELayer(TransformerLayer):
@@ -44,7 +40,7 @@ class FoELayer(TransformerLayer):
         *,
         cluster_config: TransformerConfig,
         cluster_pg_collection: ProcessGroupCollection,
-        federation: torch.distributed.ProcessGroup,
+        federation: Federation,
         residual_sync: str,
     ) -> None:
         # The block hands every layer the model-wide config and groups; a cluster layer is built

@@ -1,20 +1,25 @@
 """Checkpoints with megatron-core dist_checkpointing.
 
 Every weight is saved under its topology-free global name (cluster, layer, cluster-global
-expert index; ``builder.global_name``), one replica writing it. So a checkpoint saved at
+expert index; ``builder.global_name``), one replica writing it; FoE's split embedding and
+output layer are saved as vocabulary shards of the one full weight. So a checkpoint saved at
 (D, C, L) loads at any (D', C, L'): each rank asks for the names it holds now. The optimizer
 state follows the weights through megatron's optimizer.sharded_state_dict.
 
 A save goes to ``iter_N.partial`` and is renamed to ``iter_N`` only when every rank has
-finished, so a crash mid-save never hides the last complete checkpoint.
+finished, so a crash mid-save never hides the last complete checkpoint. A complete checkpoint
+can still be damaged later (a disk filled up, a file truncated by a copy): resuming checks
+every file the checkpoint's index names, and ``--resume auto`` falls back to the previous one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +28,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from torch.distributed.checkpoint import FileSystemReader
 
-from foe_train.config import ConfigError, ModelConfig
-from foe_train.model.builder import named_global_parameters
+from foe_train.config import ConfigError, ModelConfig, RecipeConfig
+from foe_train.model.builder import head_shard, named_global_parameters
 
 if TYPE_CHECKING:
     from foe_train.topology import Topology
@@ -42,7 +48,7 @@ def _replica_id(name: str, topo: Topology) -> int:
     """0 on the one rank that writes this weight, >0 on the ranks holding copies."""
     if ".local_experts." in name:
         return dist.get_rank(topo.groups["expert_dp"])
-    if "decoder.layers." in name and topo.kind == "foe":
+    if topo.kind == "foe" and ("decoder.layers." in name or head_shard(name, topo)):
         return dist.get_rank(topo.groups["token_dp"])
     return topo.rank
 
@@ -54,7 +60,11 @@ def model_sharded_state_dict(
     out = {}
     for name, param in named_global_parameters(model, model_cfg, topo):
         key = name.replace("/", ".")
-        out[key] = ShardedTensor.from_rank_offsets(key, param, replica_id=_replica_id(name, topo))
+        shard = head_shard(name, topo)
+        offsets = [(0, *shard)] if shard else []
+        out[key] = ShardedTensor.from_rank_offsets(
+            key, param, *offsets, replica_id=_replica_id(name, topo)
+        )
     return out
 
 
@@ -105,8 +115,10 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save(job: Job, step: int) -> Path:
-    """Write iter_<step> atomically; keep the newest ``checkpoint.keep`` complete ones."""
+def save(job: Job, step: int, wall_time_s: float = 0.0) -> Path:
+    """Write iter_<step> atomically; keep the newest ``checkpoint.keep`` complete ones.
+    ``wall_time_s`` (training time so far, all segments) lets a resumed run's summary report
+    the whole run's time."""
     _in_process_results_queue()
     root = checkpoint_root(job)
     final, partial = root / f"iter_{step:07d}", root / f"iter_{step:07d}{PARTIAL}"
@@ -116,14 +128,15 @@ def save(job: Job, step: int) -> Path:
     dist.barrier()
     state = _state(job, loading=False)
     state.update(step=step, scheduler=job.scheduler.state_dict(),
-                 config=job.cfg.model_dump(), layout=_layout(job))
+                 config=job.cfg.model_dump(), layout=_layout(job), wall_time_s=wall_time_s)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if job.topo.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        for old in complete_checkpoints(root)[: -job.cfg.checkpoint.keep or None]:
+        for old in complete_checkpoints(root)[: -job.cfg.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        print(f"foe-train: saved {final.name} (step {step}) to {final}", flush=True)
     dist.barrier()
     return final
 
@@ -138,8 +151,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _check_compatible(saved: dict[str, Any], job: Job, path: Path) -> None:
-    layout, now = saved["layout"], _layout(job)
+def check_compatible(saved: dict[str, Any], cfg: RecipeConfig, path: Path) -> None:
+    """Refuse (one line) a checkpoint this recipe cannot continue: another model kind, FoE
+    cluster count or model shape; parallel.data and parallel.ranks_per_cluster may differ."""
+    layout = saved["layout"]
+    now = {"kind": cfg.model.kind,
+           "clusters": cfg.parallel.clusters if cfg.model.kind == "foe" else layout["clusters"]}
     for key in ("kind", "clusters"):
         if layout[key] != now[key]:
             field = "model.kind" if key == "kind" else "parallel.clusters"
@@ -147,7 +164,7 @@ def _check_compatible(saved: dict[str, Any], job: Job, path: Path) -> None:
                 f"{field}: checkpoint {path} was saved with {key}={layout[key]} but this run "
                 f"has {now[key]}; only parallel.data and parallel.ranks_per_cluster may change"
             )
-    model_now = job.cfg.model.model_dump()
+    model_now = cfg.model.model_dump()
     for key, value in saved["config"]["model"].items():
         if key not in ("balanced_routing",) and model_now.get(key) != value:
             raise ConfigError(
@@ -156,21 +173,90 @@ def _check_compatible(saved: dict[str, Any], job: Job, path: Path) -> None:
             )
 
 
-def resume(job: Job, which: str) -> int:
-    """Load ``which`` ('auto' = newest complete checkpoint, or a directory); returns the
-    step to continue from (0 when 'auto' finds none)."""
-    if which == "auto":
-        found = complete_checkpoints(checkpoint_root(job))
-        if not found:
-            return 0
-        path = found[-1]
-    else:
-        path = Path(which)
-        if not (path / "metadata.json").is_file():
-            raise ConfigError(f"--resume: {path} is not a complete checkpoint directory; "
-                              f"pass an iter_N directory or 'auto'")
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot load, naming the damaged file, or None: its
+    metadata files are readable and every shard file its index names is present and holds the
+    byte ranges recorded for it. Cheap (no tensor is read), so it runs before any worker."""
+    try:
+        json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / 'metadata.json'} is unreadable ({type(exc).__name__})"
+    try:
+        index = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # a torn pickle raises anything from EOFError to KeyError
+        return f"{path / '.metadata'} is unreadable ({type(exc).__name__})"
+    try:
+        dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as exc:  # as above
+        return f"{path / 'common.pt'} is unreadable ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for rel, size in sorted(needed.items()):
+        shard = path / rel
+        if not shard.is_file():
+            return f"{shard} is missing"
+        if shard.stat().st_size < size:
+            return f"{shard} is truncated ({shard.stat().st_size} of {size} bytes)"
+    return None
+
+
+def resume_target(run_dir: Path, which: str) -> tuple[Path | None, list[str]]:
+    """The checkpoint ``--resume which`` continues from, and one warning per damaged newer
+    checkpoint skipped on the way. ``which``: 'auto' (this run's newest intact checkpoint,
+    None when it has none yet), a run directory (its newest intact one) or an iter_N
+    directory (exactly that one). Raises ConfigError, one line, when there is nothing to load."""
+    if which == "auto" or not (Path(which) / "metadata.json").is_file():
+        root = run_dir if which == "auto" else Path(which)
+        if which != "auto" and not (root / "checkpoints").is_dir():
+            reason = "does not exist" if not root.exists() else "is neither an iter_N " \
+                "checkpoint (with metadata.json) nor a run directory (with checkpoints/)"
+            raise ConfigError(f"--resume: {root} {reason}; pass a checkpoint, a run directory "
+                              f"or 'auto'")
+        damaged: list[str] = []
+        for path in reversed(complete_checkpoints(root / "checkpoints")):
+            bad = damage(path)
+            if bad is None:
+                return path, [f"warning: --resume {which}: {why}; skipping that checkpoint, "
+                              f"resuming from {path.name}" for why in damaged]
+            damaged.append(bad)
+        if damaged:
+            raise ConfigError(f"--resume {which}: every checkpoint under {root / 'checkpoints'} "
+                              f"is damaged (newest: {damaged[0]}); start over with --overwrite")
+        if which == "auto":
+            return None, []
+        raise ConfigError(f"--resume: {root} holds no complete checkpoint yet; pass another run "
+                          f"directory or checkpoint, or drop --resume to start fresh")
+    path = Path(which)
+    bad = damage(path)
+    if bad is not None:
+        raise ConfigError(f"--resume: checkpoint {path} is damaged: {bad}; pass an earlier "
+                          f"iter_N directory, or its run directory to pick the newest intact one")
+    return path, []
+
+
+def resume(job: Job, which: str) -> tuple[int, float]:
+    """Load what ``--resume which`` names (see resume_target; rank 0 decides and prints the
+    warnings, every rank loads the same checkpoint); returns the step to continue from and
+    the training wall time already spent, (0, 0.0) when 'auto' finds no checkpoint."""
+    picked: list[Any] = [None]
+    if job.topo.rank == 0:
+        try:
+            path, warnings = resume_target(job.run_dir, which)
+            for line in warnings:
+                print(line, file=sys.stderr, flush=True)
+            picked = [str(path) if path else None]
+        except ConfigError as exc:
+            picked = [exc]
+    dist.broadcast_object_list(picked, src=0)
+    if isinstance(picked[0], ConfigError):
+        raise picked[0]
+    if picked[0] is None:
+        return 0, 0.0
+    path = Path(picked[0])
     common = dist_checkpointing.load_common_state_dict(str(path))
-    _check_compatible(common, job, path)
+    check_compatible(common, job.cfg, path)
     state = _state(job, loading=True)
     if common["layout"]["world_size"] != job.topo.world_size:
         del state["rng"]
@@ -184,4 +270,7 @@ def resume(job: Job, which: str) -> int:
     job.scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])
-    return int(common["step"])
+    step = int(common["step"])
+    if job.topo.rank == 0:
+        print(f"foe-train: resumed from {path.name} (step {step}) in {path.parent}", flush=True)
+    return step, float(common.get("wall_time_s", 0.0))

@@ -12,14 +12,15 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -33,7 +34,9 @@ from foe_train.budget import budget
 from foe_train.config import RecipeConfig
 from foe_train.data.loader import ShardedBatches, build_datasets
 from foe_train.data.tokenizers import build_tokenizer
+from foe_train.model import head
 from foe_train.model.builder import build_model, count_parameters, wrap_ddp
+from foe_train.model.head import head_group
 from foe_train.topology import Topology, build_topology
 from foe_train.train import checkpoint
 from foe_train.train.tracking import Tracker
@@ -55,8 +58,6 @@ class Job:
     dtype: torch.dtype
 
 
-def resolve_run_dir(cfg: RecipeConfig) -> Path:
-    return Path(cfg.logging.run_dir.format(name=cfg.logging.name)).expanduser().resolve()
 
 
 def _dtype(cfg: RecipeConfig) -> torch.dtype:
@@ -78,8 +79,8 @@ def build_job(cfg: RecipeConfig) -> Job:
     shards = (t.global_batch_size, t.micro_batch_size, topo.token_shards, topo.token_shard)
     train = ShardedBatches(train_ds, *shards)
     valid = ShardedBatches(valid_ds, *shards) if valid_ds is not None and len(valid_ds) else None
-    return Job(cfg, topo, model, ddp, optimizer, scheduler, train, valid, resolve_run_dir(cfg),
-               dtype)
+    return Job(cfg, topo, model, ddp, optimizer, scheduler, train, valid,
+               cfg.logging.resolved_run_dir(), dtype)
 
 
 def build_optimizer(
@@ -119,7 +120,7 @@ def micro_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     position = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
     logits = model(inputs, position, None)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return head.cross_entropy(logits, labels, head_group(model)).mean()
 
 
 def _world_mean(value: torch.Tensor) -> float:
@@ -254,7 +255,7 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
     if rank0:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    start = checkpoint.resume(job, resume) if resume else 0
+    start, wall_before = checkpoint.resume(job, resume) if resume else (0, 0.0)
     numbers = budget(cfg)
     params = count_parameters(job.model, cfg.model, topo)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
@@ -291,8 +292,13 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
         interval = cfg.checkpoint.interval
         stopping = stop.agreed()
         if step == t.train_iters or stopping or (interval and step % interval == 0):
-            checkpoint.save(job, step)
+            saved = checkpoint.save(job, step, wall_before + time.perf_counter() - begin)
         if stopping:
+            if rank0:
+                name = signal.Signals(stop.received).name if stop.received \
+                    else "a signal on another rank"
+                print(f"foe-train: stopped by {name} after checkpoint {saved.name} (step {step});"
+                      f" continue with --resume auto", flush=True)
             break
     if job.valid is not None and last_val is None and stop.received is None:
         last_val = evaluate(job)
@@ -300,39 +306,88 @@ def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
     summary = {
         "final_train_loss": metrics["loss"] if step > start else None,
         "final_val_loss": last_val, "steps": step, "tokens": step * tokens_per_step,
-        "wall_time_s": time.perf_counter() - begin, "params": params,
+        "wall_time_s": wall_before + time.perf_counter() - begin, "params": params,
         "active_params_per_token": numbers["active_params_per_token"],
         "stopped_by_signal": stop.received is not None, "kind": cfg.model.kind,
     }
     tracker.finish(summary)
+    if rank0:
+        _print_outputs(job.run_dir, summary)
     return summary if rank0 else {}
 
 
+def _print_outputs(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The closing lines: how the run ended and where each of its outputs is."""
+    done = checkpoint.complete_checkpoints(run_dir / "checkpoints")
+    print(f"foe-train: {'stopped' if summary['stopped_by_signal'] else 'finished'} at step "
+          f"{summary['steps']} in {summary['wall_time_s']:.1f} s; run directory {run_dir}",
+          flush=True)
+    print(f"foe-train: summary {run_dir / 'summary.json'}, metrics {run_dir / 'metrics.jsonl'}, "
+          f"checkpoint {done[-1] if done else 'none'}", flush=True)
+    wandb = sorted((run_dir / "wandb").glob("*run-*"), key=lambda p: p.stat().st_mtime)
+    if wandb:
+        upload = f" (upload: wandb sync {wandb[-1]})" if "offline" in wandb[-1].name else ""
+        print(f"foe-train: W&B run files {wandb[-1]}{upload}", flush=True)
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Join the job's process group with training.collective_timeout_s on every collective.
+    torch's new_group takes the module default rather than the world group's timeout, so the
+    default is set too: the topology's and megatron's groups then time out alike."""
+    timeout = timedelta(seconds=timeout_s)
+    dist.distributed_c10d.default_pg_timeout = timeout
+    dist.distributed_c10d.default_pg_nccl_timeout = timeout
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point under torchrun."""
+    """Entry point under torchrun. A bad recipe, run directory or --resume ends every rank with
+    exit 2 and one line on stderr from rank 0."""
     import argparse
 
     from foe_train.config import ConfigError, load_config
-    from foe_train.train.preflight import preflight
+    from foe_train.train.preflight import preflight, prepare_run_dir
 
     ap = argparse.ArgumentParser(prog="foe-train")
     ap.add_argument("--config")
-    ap.add_argument("--resume", help="'auto' (newest complete checkpoint) or a checkpoint dir")
+    ap.add_argument("--resume", help="'auto' (newest intact checkpoint of this run), a run "
+                                     "directory or an iter_N checkpoint directory")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="move an existing run directory aside and start over")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("foe_train").setLevel(logging.INFO)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+
+    def fail(msg: str) -> NoReturn:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(2)
+
+    if not args.config:
+        fail("--config: required; pass a recipe, e.g. --config configs/quickstart/foe.yaml")
     try:
         cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    init_distributed(cfg.training.collective_timeout_s)
+    try:
         preflight(cfg, dist.get_world_size())
+        problem: list[str | None] = [None]
+        if dist.get_rank() == 0:
+            try:
+                prepare_run_dir(cfg, args.resume, args.overwrite)
+            except ConfigError as exc:
+                problem = [str(exc)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0]:
+            raise ConfigError(problem[0])
         run(cfg, args.resume)
     except ConfigError as exc:
-        if dist.get_rank() == 0:
-            print(f"error: {exc}", flush=True)
-        dist.destroy_process_group()
-        raise SystemExit(2) from None
+        fail(str(exc))
     dist.destroy_process_group()

@@ -3,6 +3,8 @@ recipe fails here in a second with one line, not minutes later inside megatron-c
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from foe_train.config import ConfigError, RecipeConfig
@@ -31,3 +33,49 @@ def preflight(cfg: RecipeConfig, world_size: int, nodes: int = 1) -> None:
             f"token shards x training.micro_batch_size={t.micro_batch_size}; use a multiple of "
             f"{shards * t.micro_batch_size}"
         )
+
+
+# What a run writes into its run directory; any of them means another run's results are there.
+RESULTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+def prepare_run_dir(cfg: RecipeConfig, resume: str | None, overwrite: bool) -> None:
+    """Make sure starting this run loses nothing: a fresh run may not write into a directory
+    holding another run's results (their summary and metrics would be replaced, their
+    checkpoints pruned by checkpoint.keep), and ``--resume`` must name a checkpoint this
+    recipe can continue. ``overwrite`` moves such a directory aside (and says where), never
+    deletes it. Raises ConfigError (one line) otherwise."""
+    run_dir = cfg.logging.resolved_run_dir()
+    if overwrite and resume:
+        raise ConfigError("--overwrite starts the run over and --resume continues it; pass one")
+    held = [name for name in RESULTS if (run_dir / name).exists()]
+    if resume:
+        from megatron.core import dist_checkpointing
+
+        from foe_train.train.checkpoint import check_compatible, resume_target
+
+        path, _ = resume_target(run_dir, resume)
+        if path is None:
+            return
+        check_compatible(dist_checkpointing.load_common_state_dict(str(path)), cfg, path)
+        if held and resume != "auto" and run_dir not in path.resolve().parents:
+            raise ConfigError(
+                f"logging.run_dir: {run_dir} holds another run's results ({', '.join(held)}); "
+                f"to continue {path} in a new run, set another logging.name"
+            )
+        return
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"logging.run_dir: {run_dir} holds another run's results ({', '.join(held)}); "
+            f"continue it with --resume auto, start over with --overwrite (moves it aside), or "
+            f"set another logging.name"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
+    run_dir.rename(aside)
+    print(f"foe-train: --overwrite: moved the previous run in {run_dir} to {aside}", flush=True)

@@ -1,0 +1,86 @@
+"""The federated sum: how an FoE federation's C clusters add up their contributions.
+
+Flat: one all-reduce over the C members. Two-level, when several members share a node and the
+federation spans nodes: reduce-scatter inside the node, all-reduce each 1/m slice across nodes
+among the members with the same local index, all-gather inside the node. Each node then sends
+2(N-1)/N of the summed tensor across nodes instead of the flat ring's 2(C-1)/C, and the
+m members of a node share that traffic.
+
+Autograd is megatron's tensor-parallel pair over the federation: ``reduce`` (forward sum,
+backward identity) where cluster outputs rejoin the replicated residual, ``copy`` (forward
+identity, backward sum) where the replicated residual enters cluster-local work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The groups of this rank's federation: ``group`` (all members), and for the two-level
+    sum ``local`` (members on this node) and ``cross`` (one member per node)."""
+
+    group: dist.ProcessGroup
+    local: dist.ProcessGroup | None = None
+    cross: dist.ProcessGroup | None = None
+
+    @property
+    def two_level(self) -> bool:
+        return self.local is not None
+
+    def all_reduce(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The sum over the federation of ``x``; ``inplace`` lets the flat sum reuse x's
+        storage (as megatron's reduce does) where nothing else reads x afterwards."""
+        if not self.two_level:
+            out = x.contiguous() if inplace else x.contiguous().clone()
+            dist.all_reduce(out, group=self.group)
+            return out
+        m = dist.get_world_size(self.local)
+        flat = x.contiguous().view(-1)
+        pad = -flat.numel() % m
+        if pad:
+            flat = F.pad(flat, (0, pad))
+        part = flat.new_empty(flat.numel() // m)
+        dist.reduce_scatter_tensor(part, flat, group=self.local)
+        dist.all_reduce(part, group=self.cross)
+        out = flat.new_empty(flat.numel())
+        dist.all_gather_into_tensor(out, part, group=self.local)
+        return out[: x.numel()].view_as(x)
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+        return fed.all_reduce(x, inplace=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+        ctx.fed = fed
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # not in place: autograd may hand the same gradient tensor to other branches
+        return ctx.fed.all_reduce(grad), None
+
+
+def reduce_from_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:
+    """Forward: the federated sum of ``x`` (x is consumed); backward: identity."""
+    return _Reduce.apply(x, fed)
+
+
+def copy_to_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:
+    """Forward: identity; backward: the federated sum of the gradient."""
+    return _Copy.apply(x, fed)

@@ -1,0 +1,128 @@
+"""The split head: an FoE federation's C clusters hold the same tokens, so instead of each
+recomputing the embedding, output layer and loss, they split them over the vocabulary the way
+megatron-core splits them over a tensor-parallel group (the federation is the TP group of
+``VocabParallelEmbedding`` and the column-parallel output layer). Each cluster holds V/C rows
+of the vocabulary weights and computes V/C of the logits; nothing is duplicated.
+
+The helpers take this rank's vocabulary shard of the logits ``[..., V/C]`` and the group it is
+split over (a singleton group for the baseline, which is then the ordinary full-vocab case).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.utils import VocabUtility
+
+SPLIT_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def head_group(model: torch.nn.Module) -> dist.ProcessGroup:
+    """The group the model's output layer splits the vocabulary over (through DDP wrappers)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.output_layer.tp_group
+
+
+def keep_logits_split(gpt: torch.nn.Module) -> None:
+    """megatron's GPTModel insists on gathering the vocabulary shards whenever it runs with an
+    inference context (``runtime_gather_output=True``); generation here chooses tokens from
+    the shards (``greedy`` exchanges two floats per token instead of V/C logits), so the
+    output layer is told, per call, to keep them split."""
+
+    def split(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "runtime_gather_output": False}
+
+    gpt.output_layer.register_forward_pre_hook(split, with_kwargs=True)
+
+
+def _size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _vocab_start(logits: torch.Tensor, group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else logits.shape[-1] * dist.get_rank(group)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """megatron's vocab-parallel cross entropy with an explicit group (megatron's own function
+    reads the global TP group, which FoE does not use), composed of megatron's helpers."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor,
+                group: dist.ProcessGroup) -> torch.Tensor:
+        logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits.clone())
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            logits.shape[-1], dist.get_rank(group), dist.get_world_size(group)
+        )
+        target_mask, masked_target, predicted, sum_exp, exp_logits = (
+            VocabParallelCrossEntropy.calculate_predicted_logits(
+                logits, target, logits_max, start, end
+            )
+        )
+        dist.all_reduce(predicted, group=group)
+        dist.all_reduce(sum_exp, group=group)
+        softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
+            exp_logits, predicted, sum_exp
+        )
+        ctx.save_for_backward(softmax, target_mask, masked_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        softmax, target_mask, masked_target = ctx.saved_tensors
+        grad_2d, arange, update, grad = (
+            VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
+        )
+        grad = VocabParallelCrossEntropy.calculate_gradients(
+            grad_2d, arange, masked_target, update, grad, grad_output
+        )
+        return grad, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Per-token next-token loss (shape of ``target``) from vocab-split logits; three small
+    all-reduces of one float per token replace gathering the logits."""
+    return _CrossEntropy.apply(logits, target, group)
+
+
+def gather_logits(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Full-vocabulary logits from the shards (for sampling that needs the whole distribution);
+    group None: the logits are not split."""
+    if _size(group) == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(_size(group))]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def greedy(
+    logits: torch.Tensor, group: dist.ProcessGroup | None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """argmax over the whole vocabulary without gathering the logits: each shard offers its best
+    (value, id) and the first id with the highest value wins, as ``argmax`` would choose.
+    Ids at or above ``vocab_size`` (padding of the tokenizer's vocabulary) never win."""
+    logits = logits.float()
+    start = _vocab_start(logits, group)
+    if vocab_size is not None:
+        logits = logits.masked_fill(
+            torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size,
+            float("-inf"),
+        )
+    value, index = logits.max(-1)
+    if _size(group) == 1:
+        return index
+    offers = torch.stack([value, (index + start).to(value.dtype)])
+    everyone = [torch.empty_like(offers) for _ in range(_size(group))]
+    dist.all_gather(everyone, offers, group=group)
+    values = torch.stack([o[0] for o in everyone])
+    ids = torch.stack([o[1] for o in everyone])
+    best = values.max(0).values
+    ids = ids.masked_fill(values < best, float("inf"))
+    return ids.min(0).values.long()

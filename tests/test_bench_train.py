@@ -1,0 +1,63 @@
+"""foe-bench train end to end: one real 4-rank run of a tiny FoE/MoE pair (the JSON report's
+shape, its ratio, the profiles, nothing written to a run directory), and the one-line
+refusals that come before any process starts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from foe_train.cli import bench_main
+from launch import torchrun
+
+PAIR = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
+TINY = ["model.num_layers=2", "model.seq_length=32", "training.global_batch_size=8",
+        "training.micro_batch_size=2", "training.train_iters=10", "training.warmup_iters=1"]
+
+
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "foe_train.cli", "train", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_bench_pair_json(tmp_path):
+    out, runs = tmp_path / "train.json", tmp_path / "runs"
+    proc = bench("--pair", *PAIR, "--nproc", "4", "--steps", "3", "--warmup", "1", "--json",
+                 "--out", str(out), *TINY, f"logging.run_dir={runs}/{{name}}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert json.loads(proc.stdout) == report
+    assert (report["world_size"], report["nodes"], report["steps"]) == (4, 1, 3)
+    (row,) = report["rows"]
+    for kind in ("foe", "moe"):
+        member = row[kind]
+        for metric in ("tokens_per_s", "step_s"):
+            assert set(member[metric]) == {"median", "p10", "p90", "mean"}
+            assert 0 < member[metric]["p10"] <= member[metric]["median"] <= member[metric]["p90"]
+        assert member["tokens_per_step"] == 8 * 32
+        assert member["profile"] and all(op["self_cpu_ms"] >= 0 and op["calls"] > 0
+                                         for op in member["profile"])
+        assert member["collective_s"] > 0 and member["collectives"]
+    assert row["ratio"]["tokens_per_s"] == pytest.approx(
+        row["foe"]["tokens_per_s"]["median"] / row["moe"]["tokens_per_s"]["median"])
+    assert any(k.startswith("all_to_all@ep") for k in row["moe"]["collectives"])
+    assert not runs.exists()  # no checkpoints, metrics or W&B run
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pair", PAIR[0], PAIR[0], "--nproc", "4"], "pass one foe and one moe recipe"),
+    (["--pair", *PAIR, "--nproc", "3"], "the world size is 3"),
+    (["--pair", *PAIR, "--nproc", "4", "--nodes", "3"], "--nodes 3 must divide"),
+    (["--pair", *PAIR, "--nproc", "4", "--steps", "0"], "--steps 0"),
+])
+def test_train_bench_refuses_in_one_line(args, message, monkeypatch, capsys):
+    def no_launch(*a, **k):
+        raise AssertionError("a refused benchmark must start no process")
+
+    monkeypatch.setattr(torchrun, "run_local", no_launch)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["train", *args])
+    err = capsys.readouterr()
+    assert exc.value.code == 2 and err.err.count("\n") == 1, err.err
+    assert message in err.err and not err.out
