@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from foe_train.config import ConfigError, load_config
+from foe_train.config import ConfigError, RecipeConfig, load_config
 
 
 def _fail(msg: str) -> NoReturn:
@@ -43,6 +44,9 @@ def bench_main(argv: list[str] | None = None) -> None:
     comm.add_argument("--backward", action="store_true")
     comm.add_argument("--micro-batch", type=int, default=1)
     comm.add_argument("--out", help="also write the JSON report here")
+    comm.add_argument("--json", action="store_true", help="print the JSON report")
+    comm.add_argument("--baseline", metavar="MOE.yaml",
+                      help="also count this MoE recipe and compare cross-node bytes per token")
     comm.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     lat = sub.add_parser("latency", help="forward latency, TTFT, TBT of a recipe pair")
     lat.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
@@ -83,14 +87,42 @@ def bench_main(argv: list[str] | None = None) -> None:
         per_node = args.nproc // args.nodes
         check_layout(cfg.model, cfg.parallel, args.nproc,
                      [r // per_node for r in range(args.nproc)])
+        if args.baseline:
+            base = load_config(args.baseline, args.overrides)
+            if (cfg.model.kind, base.model.kind) != ("foe", "moe"):
+                raise ConfigError("--baseline: give the FoE recipe as --config and the MoE "
+                                  "recipe as --baseline")
+            check_layout(base.model, base.parallel, args.nproc,
+                         [r // per_node for r in range(args.nproc)])
     except ConfigError as exc:
         _fail(str(exc))
+    sys.exit(_comm(args, cfg))
+
+
+def _comm(args: argparse.Namespace, cfg: RecipeConfig) -> int:
+    import json
+    import tempfile
+
+    from foe_train.bench.comm_run import compare_line
     from launch.torchrun import run_local
 
-    worker = ["--config", args.config, "--micro-batch", str(args.micro_batch)]
-    worker += ["--backward"] if args.backward else []
-    worker += ["--out", args.out] if args.out else []
-    sys.exit(run_local("foe_train.bench.comm_run", worker + args.overrides, args.nproc, args.nodes))
+    def count(config: str, out: str) -> int:
+        worker = ["--config", config, "--micro-batch", str(args.micro_batch), "--out", out]
+        worker += ["--backward"] if args.backward else []
+        worker += ["--json"] if args.json else []
+        return run_local("foe_train.bench.comm_run", worker + args.overrides, args.nproc,
+                         args.nodes)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or f"{tmp}/report.json"
+        code = count(args.config, out)
+        if code or not args.baseline:
+            return code
+        code = count(args.baseline, f"{tmp}/baseline.json")
+        if code == 0:
+            reports = [json.loads(Path(p).read_text()) for p in (out, f"{tmp}/baseline.json")]
+            print(compare_line(*reports, cfg.model.moe_router_topk))
+        return code
 
 
 
@@ -215,7 +247,6 @@ def train_main(argv: list[str] | None = None) -> None:
 def compare_main(argv: list[str] | None = None) -> None:
     """foe-compare RUN_DIR [RUN_DIR ...]: the runs' summaries side by side."""
     import json
-    from pathlib import Path
 
     ap = _OneLineParser(prog="foe-compare", description="final numbers of finished runs")
     ap.add_argument("run_dirs", nargs="+")

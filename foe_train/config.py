@@ -33,7 +33,7 @@ class ModelConfig(_Section):
     cluster_topk: int | None = None
     moe_layer_freq: int | list[int] = 1
     residual_sync: Literal["post_attention", "post_attention_and_moe"] = "post_attention"
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
     router_pre_softmax: bool = True
     balanced_routing: bool = False
     aux_loss_coeff: float = 0.01

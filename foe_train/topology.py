@@ -27,6 +27,18 @@ class TopologyError(ConfigError):
     """A layout that cannot run: one line naming the field and the fix."""
 
 
+def token_dispatcher(model: ModelConfig, ep_size: int, topk: int) -> str:
+    """megatron-core's dispatcher for an expert-parallel group of ``ep_size`` ranks routing
+    each token to ``topk`` of its experts: ``model.token_dispatcher``, or for ``auto`` the one
+    that sends fewer bytes. alltoall sends a token's k copies to the ranks holding its
+    experts, 2*k*d*(P-1)/P per token for dispatch and combine; allgather + reduce-scatter
+    forwards every token to every other rank and back, 2*(P-1)*d. So allgather wins when
+    k > P (and holds the group's P*T tokens on each rank)."""
+    if model.token_dispatcher != "auto":
+        return model.token_dispatcher
+    return "allgather" if ep_size > 1 and topk > ep_size else "alltoall"
+
+
 def expert_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     """EP of the MoE baseline: parallel.expert_parallel, by default every rank of the job."""
     return parallel.expert_parallel or world_size

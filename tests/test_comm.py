@@ -7,18 +7,26 @@ import sys
 
 import pytest
 
+from foe_train.bench.comm_run import cross_node_per_token, table
+
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
 
 
-def comm(tmp_path, recipe: str, nproc: int, nodes: int, *overrides: str) -> dict:
+def comm(tmp_path, recipe: str, nproc: int, nodes: int, *overrides: str,
+         baseline: list[str] = ()) -> dict:
     out = tmp_path / "comm.json"
     cmd = [sys.executable, "-m", "foe_train.cli", "comm", "--config",
            f"configs/quickstart/{recipe}.yaml", "--nproc", str(nproc), "--nodes", str(nodes),
-           "--backward", "--out", str(out), *SMALL, *overrides]
+           "--backward", "--out", str(out), *baseline, *SMALL, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert json.loads(proc.stdout) == report
+    if baseline:
+        report["stdout"] = proc.stdout
+        return report
+    assert proc.stdout == table(report) + "\n"
+    verdict = "yes" if report["counted"] == report["predicted"] else "NO"
+    assert proc.stdout.endswith(f"counted == predicted: {verdict}\n")
     return report
 
 
@@ -41,8 +49,13 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
 
 def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
-             "model.cluster_topk=1")
+             "model.cluster_topk=1", baseline=["--baseline", "configs/quickstart/moe.yaml"])
     assert r["counted"] == r["predicted"]
+    assert r["stdout"].startswith(table({k: v for k, v in r.items() if k != "stdout"}))
+    foe_per_token = f"FoE {cross_node_per_token(r):,.0f}; MoE/FoE "
+    last = r["stdout"].splitlines()[-1]
+    assert last.startswith("cross-node bytes per token: MoE ") and foe_per_token in last
+    assert last.endswith("(k/N = 2/2 = 1.00)")
     kinds = {tuple(c[:2]): c[2] for c in r["collectives"]}
     assert kinds[("reduce_scatter_tensor", "federation_local")] is False
     assert kinds[("all_gather_into_tensor", "federation_local")] is False
@@ -66,9 +79,17 @@ def test_foe_clusters_on_nodes_keep_all_to_all_inside(tmp):
     assert r["counted"]["all_reduce"]["cross_node_bytes"] == r["counted"]["all_reduce"]["bytes"]
 
 
+def test_auto_dispatcher_gathers_when_k_exceeds_the_group(tmp):
+    """k = 8 > P = 4 ranks: allgather + reduce-scatter sends fewer bytes than alltoall; the
+    counted bytes of that dispatcher equal its formula, and the report names it."""
+    r = comm(tmp, "moe", 4, 2, "model.moe_router_topk=8")
+    assert r["dispatcher"] == "allgather" and r["counted"] == r["predicted"]
+    assert "all_to_all" not in r["counted"] and r["counted"]["reduce_scatter"]["calls"] > 0
+
+
 def test_moe_baseline_all_to_all_crosses_nodes(tmp):
     r = comm(tmp, "moe", 4, 2)
-    assert r["counted"] == r["predicted"]
+    assert r["dispatcher"] == "alltoall" and r["counted"] == r["predicted"]
     a2a = r["counted"]["all_to_all"]
     assert a2a["cross_node_bytes"] > 0 and a2a["cross_node_bytes"] * 3 == a2a["bytes"] * 2
     assert ["all_to_all_single", "ep", True] in r["collectives"]

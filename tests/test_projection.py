@@ -54,20 +54,22 @@ def test_roofline_and_alpha_beta_by_hand():
     # router E/C=2: FLOPs 2*4*2*8 = 128 -> 0.128 s; bytes 16 -> 0.16 s => 0.16
     # experts k_c=1, 2 local of 3*4*8 = 96 weights: 4 copies, FLOPs 768 -> 0.768 s;
     #   bytes min(2, 4)*96 = 192 -> 1.92 s => 1.92
-    # output 16*8 = 128 weights: FLOPs 2*4*128 = 1024 -> 1.024 s; bytes 1.28 s => 1.28
+    # output: the cluster's half of the vocabulary, 8*8 = 64 weights: FLOPs 2*4*64 = 512 ->
+    # 0.512 s; bytes 0.64 s => 0.64
     breakdown = foe["breakdown"]["forward"]
     assert breakdown["compute"] == pytest.approx(
-        {"attention": 1.28, "router": 0.16, "experts": 1.92, "dense": 0.0, "output": 1.28})
-    # federated sums: layers + 1 = 2 ring all-reduces of 4*8 bytes over 2 clusters, 32 bytes
-    # each, inside the node: 2 * 1 s + 64 B / 100 B/s = 2.64 s; no all-to-all (L = 1)
-    assert breakdown["comm"] == pytest.approx({"all_reduce": 2.64})
-    assert foe["forward"] == pytest.approx(4.64 + 2.64)
+        {"attention": 1.28, "router": 0.16, "experts": 1.92, "dense": 0.0, "output": 0.64})
+    # federated sums: layers + 1 = 2, plus the split embedding's, = 3 ring all-reduces of 4*8
+    # bytes over 2 clusters, 32 bytes each, inside the node: 3 * 1 s + 96 B / 100 B/s = 3.96 s;
+    # no all-to-all (L = 1)
+    assert breakdown["comm"] == pytest.approx({"all_reduce": 3.96})
+    assert foe["forward"] == pytest.approx(4.0 + 3.96)
     # ttft also writes 4 K/V entries of 1 kv head: attention bytes 128 + 2*4*4 = 160 -> 1.6 s
-    assert foe["ttft"] == pytest.approx(1.6 + 0.16 + 1.92 + 1.28 + 2.64)
+    assert foe["ttft"] == pytest.approx(1.6 + 0.16 + 1.92 + 0.64 + 3.96)
     # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, bytes 128 + 2*4*5 =
-    # 168 -> 1.68 s; router 0.16 s; experts 1 copy: 96 B -> 0.96 s; output 1.28 s;
-    # comm 2 * (1 s + 8 B / 100 B/s) = 2.16 s
-    assert foe["tbt"] == pytest.approx(1.68 + 0.16 + 0.96 + 1.28 + 2.16)
+    # 168 -> 1.68 s; router 0.16 s; experts 1 copy: 96 B -> 0.96 s; output 0.64 s;
+    # comm 3 * (1 s + 8 B / 100 B/s) = 3.24 s
+    assert foe["tbt"] == pytest.approx(1.68 + 0.16 + 0.96 + 0.64 + 3.24)
     assert foe["generate"] == pytest.approx(foe["ttft"] + foe["tbt"])
 
     # MoE on 2 nodes x 2 GPUs: EP=4 (one expert each), 4 prompts -> one per rank.
@@ -102,7 +104,9 @@ def test_comm_volume_comes_from_comm_model(monkeypatch):
     assert (world, nodes, tokens, elem_bytes, parallel.ranks_per_cluster) == (8, 1, 8192, 2, 1)
     four = project_member(foe, hw, nodes=4, batch=32, prompt_len=1024, gen_len=2)
     assert four["layout"]["ranks_per_cluster"] == 4 and four["layout"]["data"] == 1
-    assert set(four["breakdown"]["ttft"]["comm"]) == {"all_reduce", "all_to_all", "all_gather"}
+    # two clusters per node: the two-level sum's reduce-scatter and all-gather inside the node
+    assert set(four["breakdown"]["ttft"]["comm"]) == {"all_reduce", "all_to_all", "all_gather",
+                                                      "reduce_scatter"}
     traffic = predict(foe.model, adapt_parallel(foe, 4, 8), 32, 4, 8 * 1024, 2)
     expected = {op: projection.comm_seconds(v["calls"], v["bytes"], v["cross_node_bytes"],
                                             hw.intra_node, hw.inter_node)

@@ -23,7 +23,7 @@ from collections import defaultdict
 from fractions import Fraction
 
 from foe_train.config import ModelConfig, ParallelConfig, cluster_topk
-from foe_train.topology import expert_parallel_size, federation_levels
+from foe_train.topology import expert_parallel_size, federation_levels, token_dispatcher
 
 PROB_BYTES = 4
 COUNT_BYTES = 8
@@ -80,7 +80,21 @@ def _rank_traffic(
         P = expert_parallel_size(parallel, world_size)
         k, E = model.moe_router_topk, model.num_experts
         ep_group = [rank - rank % P + i for i in range(P)]
-    if P > 1 and moe_layers:
+    ring_cross = P > 1 and node(ep_group[(ep_group.index(rank) + 1) % P]) != node(rank)
+    if P > 1 and moe_layers and token_dispatcher(model, P, k) == "allgather":
+        # per layer: all-gathers of the routing map (E bools per token), probabilities (E
+        # floats) and hidden states; the combine reduce-scatters P*T tokens in the probability
+        # dtype. Backward: each gather's mirror image, the routing map's excepted.
+        on_ring = 1 if ring_cross else 0
+        gathered = tokens * (P - 1) * Fraction(E + E * PROB_BYTES + d * elem_bytes)
+        combined = tokens * (P - 1) * Fraction(d * PROB_BYTES)
+        add("all_gather", 3 * moe_layers, gathered / 3, gathered / 3 * on_ring)
+        add("reduce_scatter", moe_layers, combined, combined * on_ring)
+        if backward:
+            mirrored = tokens * (P - 1) * Fraction(E * PROB_BYTES + d * elem_bytes)
+            add("all_gather", moe_layers, combined, combined * on_ring)
+            add("reduce_scatter", 2 * moe_layers, mirrored / 2, mirrored / 2 * on_ring)
+    elif P > 1 and moe_layers:
         remote = Fraction(P - 1, P)
         cross = Fraction(sum(node(r) != node(rank) for r in ep_group), P)
         token_bytes = tokens * k * d * elem_bytes
@@ -89,7 +103,6 @@ def _rank_traffic(
         add("all_to_all", 2 * moe_layers * passes, token_bytes * remote, token_bytes * cross)
         add("all_to_all", moe_layers * passes, prob_bytes * remote, prob_bytes * cross)
         meta = E * COUNT_BYTES * (P - 1)
-        ring_cross = node(ep_group[(ep_group.index(rank) + 1) % P]) != node(rank)
         add("all_gather", moe_layers, Fraction(meta), Fraction(meta if ring_cross else 0))
     return out
 

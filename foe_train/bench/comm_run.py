@@ -1,5 +1,6 @@
 """Worker of ``foe-bench comm``: one forward (and backward) step of a recipe's model under the
-communication recorder, on every rank; rank 0 prints counted vs predicted bytes as JSON.
+communication recorder, on every rank; rank 0 prints counted vs predicted bytes side by side
+with a verdict line (``--json``: the JSON report).
 Routing is forced to the balanced round-robin router so that the all-to-all volume is a
 function of the configuration, as the §3 formulas assume."""
 
@@ -47,12 +48,46 @@ def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
             for op, vals in total.items()}
 
 
+def table(report: dict) -> str:
+    """Counted vs predicted per collective (bytes each rank sends, mean over ranks), the part
+    that crossed nodes, calls, and the verdict."""
+    counted, predicted = report["counted"], report["predicted"]
+    topo = report["topology"]
+    lines = [f"{topo['kind']} on {topo['world_size']} ranks, {topo['nodes']} node(s); token "
+             f"dispatcher {report['dispatcher']}; bytes per rank per step (mean over ranks)",
+             f"{'collective':<16}{'counted':>14}{'predicted':>14}{'cross-node':>14}"
+             f"{'predicted':>14}{'calls':>7}{'predicted':>10}"]
+    for op in sorted(set(counted) | set(predicted)):
+        c, p = counted.get(op, {}), predicted.get(op, {})
+        lines.append(f"{op:<16}{c.get('bytes', 0):>14,}{p.get('bytes', 0):>14,}"
+                     f"{c.get('cross_node_bytes', 0):>14,}{p.get('cross_node_bytes', 0):>14,}"
+                     f"{c.get('calls', 0):>7}{p.get('calls', 0):>10}")
+    lines.append(f"counted == predicted: {'yes' if counted == predicted else 'NO'}")
+    return "\n".join(lines)
+
+
+def cross_node_per_token(report: dict) -> float:
+    """Bytes that crossed nodes in the whole job per token of the step (all collectives)."""
+    per_rank = sum(v["cross_node_bytes"] for v in report["counted"].values())
+    return per_rank * report["topology"]["world_size"] / report["tokens"]
+
+
+def compare_line(foe: dict, moe: dict, topk: int) -> str:
+    """The FoE/MoE cross-node traffic side by side with the k/N the formulas promise."""
+    f, m = cross_node_per_token(foe), cross_node_per_token(moe)
+    nodes = moe["topology"]["nodes"]
+    ratio = f"{m / f:.2f}" if f else "inf"
+    return (f"cross-node bytes per token: MoE {m:,.0f}, FoE {f:,.0f}; MoE/FoE {ratio} "
+            f"(k/N = {topk}/{nodes} = {topk / nodes:.2f})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="foe-bench comm (worker)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -91,9 +126,11 @@ def main(argv: list[str] | None = None) -> None:
             "by_kind": mean_over_ranks(by_kind),
             "collectives": sorted({tuple(s) for per_rank in spans for s in per_rank}),
             "topology": {"kind": topo.kind, "world_size": topo.world_size, "nodes": nodes},
+            "dispatcher": gpt.decoder.layers[0].config.moe_token_dispatcher_type,
+            "tokens": topo.token_shards * args.micro_batch * seq,
         }
         text = json.dumps(report, indent=1)
-        print(text)
+        print(text if args.json else table(report))
         if args.out:
             with open(args.out, "w") as f:
                 f.write(text)

@@ -35,8 +35,9 @@ roofline max(FLOPs / peak_flops, bytes / memory_bandwidth), summed over layers. 
   free;
 - routing is balanced (as bench.comm_model assumes): each rank's experts receive tokens*k copies
   and a pass touches min(local experts, copies) of them;
-- FoE replicates embedding, final norm and output layer on every cluster (as
-  foe_train.model.builder builds it), so every FoE rank computes the logits of its tokens;
+- FoE splits the embedding and output layer over the federation's vocabulary (as
+  foe_train.model.head builds it): every FoE rank computes V/C of the logits of its
+  federation's tokens;
 - a batch is split evenly over the token shards (FoE D*L, baseline one per rank) and every
   prompt of a request has the same length.
 """
@@ -205,7 +206,7 @@ def compute_seconds(model: ModelConfig, parallel: ParallelConfig, world: int, st
     expert_w = fc * model.moe_ffn_hidden_size * d
     copies = tokens * k
     dense_w = fc * (model.ffn_hidden_size // C) * d
-    output_w = model.vocab_size * d
+    output_w = model.vocab_size // C * d
     return {
         "attention": model.num_layers * roof(2 * tokens * attn_w + 4 * dh * heads * pairs,
                                              (attn_w + 2 * groups * dh * kv) * b),

@@ -25,7 +25,7 @@ from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
 from foe_train.model.head import SPLIT_PARAMS, keep_logits_split
 from foe_train.model.layer import BalancedTopKRouter, FoELayer
-from foe_train.topology import Topology
+from foe_train.topology import Topology, token_dispatcher
 
 
 def transformer_config(
@@ -34,6 +34,7 @@ def transformer_config(
 ) -> TransformerConfig:
     """megatron TransformerConfig of one cluster (clusters=1: the whole baseline model).
     recompute: megatron's full activation recompute, one layer at a time."""
+    topk = cluster_topk(model, clusters) if clusters > 1 else model.moe_router_topk
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -43,9 +44,9 @@ def transformer_config(
         ffn_hidden_size=model.ffn_hidden_size // clusters,
         num_moe_experts=model.num_experts // clusters,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-        moe_router_topk=cluster_topk(model, clusters) if clusters > 1 else model.moe_router_topk,
+        moe_router_topk=topk,
         moe_layer_freq=model.moe_layer_freq,
-        moe_token_dispatcher_type=model.token_dispatcher,
+        moe_token_dispatcher_type=token_dispatcher(model, ep, topk),
         moe_router_pre_softmax=model.router_pre_softmax,
         moe_aux_loss_coeff=model.aux_loss_coeff,
         moe_z_loss_coeff=model.z_loss_coeff,
