@@ -48,6 +48,15 @@ def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
             for op, vals in total.items()}
 
 
+def emit(report: dict, readable: str, as_json: bool, out: str | None) -> None:
+    """Print a benchmark's report (readable, or JSON) and write its JSON to ``out``."""
+    text = json.dumps(report, indent=1)
+    print(text if as_json else readable, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def table(report: dict) -> str:
     """Counted vs predicted per collective (bytes each rank sends, mean over ranks), the part
     that crossed nodes, calls, and the verdict."""
@@ -129,11 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             "dispatcher": gpt.decoder.layers[0].config.moe_token_dispatcher_type,
             "tokens": topo.token_shards * args.micro_batch * seq,
         }
-        text = json.dumps(report, indent=1)
-        print(text if args.json else table(report))
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text)
+        emit(report, table(report), args.json, args.out)
     dist.destroy_process_group()
 
 

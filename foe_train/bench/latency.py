@@ -10,7 +10,6 @@ splits the same batch over all ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from foe_train.bench.comm import CommRecorder, gather_summaries
-from foe_train.bench.comm_run import mean_over_ranks
+from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.config import ConfigError, RecipeConfig, load_config
 from foe_train.infer.generate import decode_step, new_context, prefill
 from foe_train.model.builder import build_model
@@ -156,11 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     if dist.get_rank() == 0:
         report = {"rows": rows, "nodes": len(set(members[0].topo.node_of_rank)),
                   "world_size": dist.get_world_size()}
-        text = json.dumps(report, indent=1)
-        print(text if args.json else format_table(rows, (members[0].name, members[1].name)))
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text)
+        emit(report, format_table(rows, (members[0].name, members[1].name)), args.json,
+             args.out)
     dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ time is that of the slowest rank, as in ``foe-bench latency``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -24,7 +23,7 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from foe_train.bench.comm import CommRecorder, gather_summaries
-from foe_train.bench.comm_run import mean_over_ranks
+from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.latency import timed
 from foe_train.config import load_config
 from foe_train.train.loop import Job, build_job, train_step
@@ -147,11 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         report = {"rows": [row], "pair": args.pair, "nodes": len(set(topo.node_of_rank)),
                   "world_size": dist.get_world_size(), "steps": args.steps,
                   "warmup": args.warmup}
-        text = json.dumps(report, indent=1)
-        print(text if args.json else format_report(report), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text)
+        emit(report, format_report(report), args.json, args.out)
     dist.destroy_process_group()
 
 
