@@ -20,11 +20,16 @@ def test_every_shipped_pair_is_found():
 def test_pair_members_write_to_their_own_run_directories(pair):
     foe, moe = (load_config(REPO / "configs" / pair / f"{k}.yaml") for k in ("foe", "moe"))
     assert foe.logging.resolved_run_dir() != moe.logging.resolved_run_dir()
-    # otherwise the pair differs only in model.kind (and the names that keep them apart)
+    # otherwise the pair differs only in model.kind (and the names that keep them apart), and in
+    # the micro-batch: FoE's C clusters share a token shard, so C x the baseline's sequences
+    # per rank keep the same number of forward passes per step
+    clusters = foe.parallel.clusters
+    assert foe.training.micro_batch_size == clusters * moe.training.micro_batch_size
     a, b = foe.model_dump(), moe.model_dump()
     for cfg in (a, b):
         cfg["model"].pop("kind")
         cfg["logging"].pop("name")
+        cfg["training"].pop("micro_batch_size")
     assert a == b
 
 
