@@ -223,13 +223,12 @@ class Topology:
         return pgc
 
     def mark_shared_duplicates(self, model: torch.nn.Module) -> None:
-        """Weights every cluster holds a copy of (the final norm; the embedding and output
-        layer are split, not copied) are counted by cluster 0 only in gradient norms,
+        """Weights every cluster holds a copy of (the final norm and an untied embedding; the
+        output layer is split, not copied) are counted by cluster 0 only in gradient norms,
         megatron's ``param.shared`` convention."""
         if self.kind == "foe" and self.cluster > 0:
             for name, param in model.named_parameters():
-                split = getattr(param, "tensor_model_parallel", False)
-                if "decoder.layers." not in name and not split:
+                if "decoder.layers." not in name and getattr(param, "vocab_shard", None) is None:
                     param.shared = True
 
     def describe(self) -> str:

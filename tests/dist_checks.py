@@ -15,7 +15,6 @@ from foe_train.model.builder import (
     build_model,
     count_parameters,
     gather_cluster_state_dicts,
-    head_shard,
     wrap_ddp,
 )
 from foe_train.model.head import head_group
@@ -118,7 +117,7 @@ def shared_sync_check(cfg, topo, steps: int = 5) -> dict:
                if "decoder.layers" not in n}
     everyone: list = [None] * topo.world_size
     dist.all_gather_object(everyone, (topo.cluster, outside))
-    split = sorted(n for n in outside if head_shard(n, topo))
+    split = sorted(n for n, p in gpt.named_parameters() if head.vocab_shard(p))
     shared = sorted(set(outside) - set(split))
     identical = all(torch.equal(everyone[0][1][n], other[n]) for _, other in everyone
                     for n in shared)

@@ -7,8 +7,8 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
   Backward: one all-reduce per copy into cluster work (two per layer in both modes). With m
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
   node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
-  all-gather inside the node. The split head adds one flat sum forward (embedding) and one
-  backward (output layer input gradient).
+  all-gather inside the node. The split output layer adds one flat sum backward (its input
+  gradient), and a tied embedding, split with it, one forward.
 - All-to-all over P expert ranks on N nodes (FoE: P = L inside one node): dispatch and combine
   each send T*k*d*b*(P-1)/P; megatron's dispatcher also sends the routing probabilities
   (T*k*4*(P-1)/P, float32) and all-gathers each rank's per-expert token counts (E*8 bytes).
@@ -62,9 +62,10 @@ def _rank_traffic(
             successor = rank + L if cluster < C - 1 else rank - (C - 1) * L
             nbytes = _ring(C, tokens * d * elem_bytes)
             flat_cross = nbytes if node(successor) != node(rank) else 0 * nbytes
-            # the split head: the embedding sums its vocabulary shards' rows forward, the
-            # output layer its input gradient backward, both flat over the federation
-            add("all_reduce", 2 if backward else 1, nbytes, flat_cross)
+            # the split head, flat over the federation: the output layer sums its input
+            # gradient backward; a tied (hence split) embedding sums its rows forward
+            head_sums = int(backward) + int(not model.untie_embeddings)
+            add("all_reduce", head_sums, nbytes, flat_cross)
             local, cross = federation_levels(
                 parallel.data, C, L, [node(r) for r in range(world_size)]
             )

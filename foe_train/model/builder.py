@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -23,7 +24,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
-from foe_train.model.head import SPLIT_PARAMS, keep_logits_split
+from foe_train.model.head import keep_logits_split, mark_vocab_shards, vocab_shard
 from foe_train.model.layer import BalancedTopKRouter, FoELayer
 from foe_train.topology import Topology, token_dispatcher
 
@@ -126,6 +127,13 @@ def build_model(
         share_embeddings_and_output_weights=not model.untie_embeddings,
         pg_collection=topo.model_pg_collection(),
     )
+    if topo.kind == "foe" and not gpt.share_embeddings_and_output_weights:
+        # the lookup stays whole on every cluster (model.head); only the output layer splits
+        gpt.embedding = LanguageModelEmbedding(
+            config=config, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
+            position_embedding_type="rope", tp_group=topo.groups["single"],
+        )
+    mark_vocab_shards(gpt)
     init_weights(gpt, model, topo, seed)
     keep_logits_split(gpt)
     for name, param in gpt.named_parameters():
@@ -137,13 +145,6 @@ def build_model(
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
-
-
-def head_shard(name: str, topo: Topology) -> tuple[int, int] | None:
-    """(index, count) of this rank's vocabulary shard of a split-head weight, else None."""
-    if topo.kind == "foe" and topo.clusters > 1 and name.removeprefix("module.") in SPLIT_PARAMS:
-        return topo.cluster, topo.clusters
-    return None
 
 
 def global_name(name: str, topo: Topology, experts_per_rank: int) -> str:
@@ -174,7 +175,7 @@ def init_weights(gpt: GPTModel, model: ModelConfig, topo: Topology, seed: int) -
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
             scaled = "linear_proj" in name or "linear_fc2" in name
             std = out_std if scaled else model.init_method_std
-            shard = head_shard(name, topo)
+            shard = vocab_shard(param)
             shape = (param.shape[0] * shard[1], *param.shape[1:]) if shard else param.shape
             full = torch.randn(shape, generator=gen) * std
             param.copy_(full.chunk(shard[1])[shard[0]] if shard else full)
@@ -190,14 +191,14 @@ def named_global_parameters(
         yield global_name(name.removeprefix("module."), topo, per_rank), param
 
 
-def _shard_key(name: str, topo: Topology) -> str:
-    shard = head_shard(name, topo)
+def _shard_key(name: str, param: torch.Tensor) -> str:
+    shard = vocab_shard(param)
     return f"{name}#{shard[0]}" if shard else name
 
 
 def count_parameters(gpt: torch.nn.Module, model: ModelConfig, topo: Topology) -> int:
     """Total parameters of the whole model over all ranks, each weight counted once."""
-    local = {_shard_key(name, topo): param.numel()
+    local = {_shard_key(name, param): param.numel()
              for name, param in named_global_parameters(gpt, model, topo)}
     everything: list[object] = [None] * topo.world_size
     dist.all_gather_object(everything, local)
@@ -218,7 +219,7 @@ def gather_cluster_state_dicts(
         value = getattr(param, "main_grad", None) if grads else param
         if grads and value is None:
             value = param.grad
-        local[_shard_key(name, topo)] = value.detach().float().cpu().clone()
+        local[_shard_key(name, param)] = value.detach().float().cpu().clone()
     everything: list[object] = [None] * topo.world_size
     dist.all_gather_object(everything, local)
     if topo.rank != 0:

@@ -13,12 +13,18 @@ identity, backward sum) where the replicated residual enters cluster-local work.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# torch 2.13 renames these two (``*_single``); the old names work on every torch we support,
+# and megatron-core and the communication recorder use them too
+for _name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+    warnings.filterwarnings("ignore", message=f".*{_name}.* is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

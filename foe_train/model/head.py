@@ -1,8 +1,13 @@
 """The split head: an FoE federation's C clusters hold the same tokens, so instead of each
-recomputing the embedding, output layer and loss, they split them over the vocabulary the way
-megatron-core splits them over a tensor-parallel group (the federation is the TP group of
-``VocabParallelEmbedding`` and the column-parallel output layer). Each cluster holds V/C rows
-of the vocabulary weights and computes V/C of the logits; nothing is duplicated.
+recomputing the output layer and loss, they split them over the vocabulary the way megatron-core
+splits them over a tensor-parallel group (the federation is the TP group of the column-parallel
+output layer). Each cluster holds V/C rows of the output weights and computes V/C of the logits.
+
+The input embedding is a lookup, free in FLOPs: split over the vocabulary it would cost a
+federated sum of the embedded tokens every forward pass (a quarter of the forward
+communication of a 2-layer model), so an untied embedding stays whole on every cluster (its
+gradients are identical there, as the first layer's federated copy sums them). A tied embedding
+is the output weight and is split with it.
 
 The helpers take this rank's vocabulary shard of the logits ``[..., V/C]`` and the group it is
 split over (a singleton group for the baseline, which is then the ordinary full-vocab case).
@@ -17,7 +22,18 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-SPLIT_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+def mark_vocab_shards(gpt: torch.nn.Module) -> None:
+    """Tag each weight split over the vocabulary with (index, count) of this rank's rows."""
+    for module in (gpt.embedding.word_embeddings, gpt.output_layer):
+        weight, group = module.weight, module.tp_group
+        if weight is not None and dist.get_world_size(group) > 1:
+            weight.vocab_shard = (dist.get_rank(group), dist.get_world_size(group))
+
+
+def vocab_shard(param: torch.Tensor) -> tuple[int, int] | None:
+    """(index, count) of the vocabulary rows this rank holds of a split weight, else None."""
+    return getattr(param, "vocab_shard", None)
 
 
 def head_group(model: torch.nn.Module) -> dist.ProcessGroup:

@@ -1,8 +1,8 @@
 """Checkpoints with megatron-core dist_checkpointing.
 
 Every weight is saved under its topology-free global name (cluster, layer, cluster-global
-expert index; ``builder.global_name``), one replica writing it; FoE's split embedding and
-output layer are saved as vocabulary shards of the one full weight. So a checkpoint saved at
+expert index; ``builder.global_name``), one replica writing it; FoE's split output layer
+(``model.head``) is saved as vocabulary shards of the one full weight. So a checkpoint saved at
 (D, C, L) loads at any (D', C, L'): each rank asks for the names it holds now. The optimizer
 state follows the weights through megatron's optimizer.sharded_state_dict.
 
@@ -31,7 +31,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from torch.distributed.checkpoint import FileSystemReader
 
 from foe_train.config import ConfigError, ModelConfig, RecipeConfig
-from foe_train.model.builder import head_shard, named_global_parameters
+from foe_train.model.builder import named_global_parameters
+from foe_train.model.head import vocab_shard
 
 if TYPE_CHECKING:
     from foe_train.topology import Topology
@@ -44,11 +45,11 @@ def checkpoint_root(job: Job) -> Path:
     return job.run_dir / "checkpoints"
 
 
-def _replica_id(name: str, topo: Topology) -> int:
+def _replica_id(name: str, param: torch.Tensor, topo: Topology) -> int:
     """0 on the one rank that writes this weight, >0 on the ranks holding copies."""
     if ".local_experts." in name:
         return dist.get_rank(topo.groups["expert_dp"])
-    if topo.kind == "foe" and ("decoder.layers." in name or head_shard(name, topo)):
+    if topo.kind == "foe" and ("decoder.layers." in name or vocab_shard(param)):
         return dist.get_rank(topo.groups["token_dp"])
     return topo.rank
 
@@ -60,10 +61,10 @@ def model_sharded_state_dict(
     out = {}
     for name, param in named_global_parameters(model, model_cfg, topo):
         key = name.replace("/", ".")
-        shard = head_shard(name, topo)
+        shard = vocab_shard(param)
         offsets = [(0, *shard)] if shard else []
         out[key] = ShardedTensor.from_rank_offsets(
-            key, param, *offsets, replica_id=_replica_id(name, topo)
+            key, param, *offsets, replica_id=_replica_id(name, param, topo)
         )
     return out
 
