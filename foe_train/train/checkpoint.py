@@ -126,10 +126,12 @@ def save(job: Job, step: int, wall_time_s: float = 0.0) -> Path:
     if job.topo.rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    dist.barrier()
+    # the common state must be the same on every rank: rank 0's clock speaks for the job
+    agreed = [wall_time_s]
+    dist.broadcast_object_list(agreed, src=0)
     state = _state(job, loading=False)
     state.update(step=step, scheduler=job.scheduler.state_dict(),
-                 config=job.cfg.model_dump(), layout=_layout(job), wall_time_s=wall_time_s)
+                 config=job.cfg.model_dump(), layout=_layout(job), wall_time_s=agreed[0])
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if job.topo.rank == 0:
