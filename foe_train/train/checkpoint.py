@@ -19,7 +19,6 @@ import os
 import queue
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -239,27 +238,11 @@ def resume_target(run_dir: Path, which: str) -> tuple[Path | None, list[str]]:
     return path, []
 
 
-def resume(job: Job, which: str) -> tuple[int, float]:
-    """Load what ``--resume which`` names (see resume_target; rank 0 decides and prints the
-    warnings, every rank loads the same checkpoint); returns the step to continue from and
-    the training wall time already spent, (0, 0.0) when 'auto' finds no checkpoint."""
-    picked: list[Any] = [None]
-    if job.topo.rank == 0:
-        try:
-            path, warnings = resume_target(job.run_dir, which)
-            for line in warnings:
-                print(line, file=sys.stderr, flush=True)
-            picked = [str(path) if path else None]
-        except ConfigError as exc:
-            picked = [exc]
-    dist.broadcast_object_list(picked, src=0)
-    if isinstance(picked[0], ConfigError):
-        raise picked[0]
-    if picked[0] is None:
-        return 0, 0.0
-    path = Path(picked[0])
+def resume(job: Job, path: Path) -> tuple[int, float]:
+    """Load the checkpoint at ``path`` (chosen and checked before the run started:
+    ``preflight.prepare_run_dir``) on every rank; returns the step to continue from and the
+    training wall time already spent."""
     common = dist_checkpointing.load_common_state_dict(str(path))
-    check_compatible(common, job.cfg, path)
     state = _state(job, loading=True)
     if common["layout"]["world_size"] != job.topo.world_size:
         del state["rng"]

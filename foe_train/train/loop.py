@@ -36,7 +36,6 @@ from foe_train.data.loader import ShardedBatches, build_datasets
 from foe_train.data.tokenizers import build_tokenizer
 from foe_train.model import head
 from foe_train.model.builder import build_model, count_parameters, wrap_ddp
-from foe_train.model.head import head_group
 from foe_train.topology import Topology, build_topology
 from foe_train.train import checkpoint
 from foe_train.train.tracking import Tracker
@@ -56,8 +55,6 @@ class Job:
     valid: ShardedBatches | None
     run_dir: Path
     dtype: torch.dtype
-
-
 
 
 def _dtype(cfg: RecipeConfig) -> torch.dtype:
@@ -120,7 +117,7 @@ def micro_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     position = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
     logits = model(inputs, position, None)
-    return head.cross_entropy(logits, labels, head_group(model)).mean()
+    return head.cross_entropy(logits, labels, head.head_group(model)).mean()
 
 
 def _world_mean(value: torch.Tensor) -> float:
@@ -247,7 +244,7 @@ def _peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def run(cfg: RecipeConfig, resume: str | None = None) -> dict[str, Any]:
+def run(cfg: RecipeConfig, resume: Path | None = None) -> dict[str, Any]:
     """Train to cfg.training.train_iters (resuming if asked); returns the summary on rank 0."""
     job = build_job(cfg)
     t, topo = cfg.training, job.topo
@@ -378,16 +375,20 @@ def main(argv: list[str] | None = None) -> None:
     init_distributed(cfg.training.collective_timeout_s)
     try:
         preflight(cfg, dist.get_world_size())
-        problem: list[str | None] = [None]
+        # rank 0 checks the run directory and picks the checkpoint; every rank loads that one
+        picked: list[Any] = [None]
         if dist.get_rank() == 0:
             try:
-                prepare_run_dir(cfg, args.resume, args.overwrite)
+                target, warnings = prepare_run_dir(cfg, args.resume, args.overwrite)
+                for line in warnings:
+                    print(line, file=sys.stderr, flush=True)
+                picked = [target]
             except ConfigError as exc:
-                problem = [str(exc)]
-        dist.broadcast_object_list(problem, src=0)
-        if problem[0]:
-            raise ConfigError(problem[0])
-        run(cfg, args.resume)
+                picked = [exc]
+        dist.broadcast_object_list(picked, src=0)
+        if isinstance(picked[0], ConfigError):
+            raise picked[0]
+        run(cfg, picked[0])
     except ConfigError as exc:
         fail(str(exc))
     dist.destroy_process_group()

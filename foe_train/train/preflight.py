@@ -4,6 +4,7 @@ recipe fails here in a second with one line, not minutes later inside megatron-c
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,12 +40,15 @@ def preflight(cfg: RecipeConfig, world_size: int, nodes: int = 1) -> None:
 RESULTS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
 
 
-def prepare_run_dir(cfg: RecipeConfig, resume: str | None, overwrite: bool) -> None:
+def prepare_run_dir(
+    cfg: RecipeConfig, resume: str | None, overwrite: bool
+) -> tuple[Path | None, list[str]]:
     """Make sure starting this run loses nothing: a fresh run may not write into a directory
     holding another run's results (their summary and metrics would be replaced, their
     checkpoints pruned by checkpoint.keep), and ``--resume`` must name a checkpoint this
     recipe can continue. ``overwrite`` moves such a directory aside (and says where), never
-    deletes it. Raises ConfigError (one line) otherwise."""
+    deletes it. Returns the checkpoint to resume from (None: start fresh) and one warning per
+    damaged checkpoint skipped on the way; raises ConfigError (one line) otherwise."""
     run_dir = cfg.logging.resolved_run_dir()
     if overwrite and resume:
         raise ConfigError("--overwrite starts the run over and --resume continues it; pass one")
@@ -54,18 +58,18 @@ def prepare_run_dir(cfg: RecipeConfig, resume: str | None, overwrite: bool) -> N
 
         from foe_train.train.checkpoint import check_compatible, resume_target
 
-        path, _ = resume_target(run_dir, resume)
+        path, warnings = resume_target(run_dir, resume)
         if path is None:
-            return
+            return None, []
         check_compatible(dist_checkpointing.load_common_state_dict(str(path)), cfg, path)
         if held and resume != "auto" and run_dir not in path.resolve().parents:
             raise ConfigError(
                 f"logging.run_dir: {run_dir} holds another run's results ({', '.join(held)}); "
                 f"to continue {path} in a new run, set another logging.name"
             )
-        return
+        return path, warnings
     if not held:
-        return
+        return None, []
     if not overwrite:
         raise ConfigError(
             f"logging.run_dir: {run_dir} holds another run's results ({', '.join(held)}); "
@@ -79,3 +83,4 @@ def prepare_run_dir(cfg: RecipeConfig, resume: str | None, overwrite: bool) -> N
         aside, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
     run_dir.rename(aside)
     print(f"foe-train: --overwrite: moved the previous run in {run_dir} to {aside}", flush=True)
+    return None, []
