@@ -235,7 +235,7 @@ def train_main(argv: list[str] | None = None) -> None:
     if args.nproc is None:
         if "LOCAL_RANK" not in os.environ:
             _fail("--nproc: not under torchrun; pass --nproc N to start N processes here")
-        from foe_train.train.loop import main
+        from foe_train.train.__main__ import main
 
         main(worker + (["--overwrite"] if args.overwrite else []) + args.overrides)
         return

@@ -137,6 +137,11 @@ def _define_global(module: types.ModuleType, name: str, value: Any, reader: Any)
     setattr(module, name, value)
 
 
+def patched() -> bool:
+    """Whether the CPU patches are in force in this process (never on a CUDA machine)."""
+    return _applied
+
+
 def cuda_absent() -> bool:
     return not torch.cuda.is_available()
 

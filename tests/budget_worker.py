@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from foe_train.config import RecipeConfig
 from foe_train.model.builder import build_model, count_parameters
+from foe_train.runtime import init_distributed
 from foe_train.topology import build_topology
 
 
@@ -17,7 +18,7 @@ def main() -> None:
     ap.add_argument("--recipes", required=True, help="JSON list of recipe mappings")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    init_distributed()
     counts = []
     for recipe in json.loads(args.recipes):
         cfg = RecipeConfig.model_validate(recipe)

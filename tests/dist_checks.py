@@ -19,8 +19,9 @@ from foe_train.model.builder import (
 )
 from foe_train.model.head import head_group
 from foe_train.model.oracle import ReferenceFoE
+from foe_train.runtime import device, init_distributed
 from foe_train.topology import build_topology, node_map
-from foe_train.train.loop import build_optimizer
+from foe_train.train.job import build_optimizer
 
 TINY = {
     "num_layers": 3, "moe_layer_freq": [1, 0, 1], "hidden_size": 32, "num_attention_heads": 8,
@@ -28,11 +29,18 @@ TINY = {
     "moe_router_topk": 4, "vocab_size": 64, "seq_length": 16, "aux_loss_coeff": 0.0,
 }
 BATCH = 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE = torch.float32  # of the model under test (--dtype); the oracle is always float32
 
 
 def batch(seed: int = 0) -> torch.Tensor:
+    """Token ids on the host (the oracle's side); ``on_device`` moves a rank's share."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, TINY["vocab_size"], (BATCH, TINY["seq_length"] + 1), generator=gen)
+
+
+def on_device(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.to(device())
 
 
 def shard(data: torch.Tensor, topo) -> torch.Tensor:
@@ -43,8 +51,8 @@ def shard(data: torch.Tensor, topo) -> torch.Tensor:
 def loss_and_logits(model, tokens):
     """Loss through the split head, and the full-vocabulary logits (detached) to compare."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    pos = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
-    logits = model(inputs, pos, None)
+    pos = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0).expand_as(inputs)
+    logits = model(inputs, pos, None).float()
     group = head_group(model)
     loss = head.cross_entropy(logits, labels, group).mean()
     return loss, head.gather_logits(logits.detach(), group)
@@ -61,19 +69,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def oracle_check(cfg, topo) -> dict:
-    gpt = build_model(cfg.model, topo, seed=cfg.seed)
+    gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=DTYPE)
     ddp = wrap_ddp(gpt, topo)
     data = batch()
-    loss, logits = loss_and_logits(ddp, shard(data, topo))
+    loss, logits = loss_and_logits(ddp, on_device(shard(data, topo)))
     loss.backward()
     ddp.finish_grad_sync()
-    optimizer, _ = build_optimizer(ddp, cfg, topo, torch.float32)
+    optimizer, _ = build_optimizer(ddp, cfg, topo, DTYPE)
     optimizer.prepare_grads()
     grad_norm = float(optimizer.get_grad_norm())
     norms: list = [None] * topo.world_size
     dist.all_gather_object(norms, grad_norm)
     all_logits: list = [None] * topo.world_size
-    dist.all_gather_object(all_logits, (topo.token_shard, logits.detach()))
+    dist.all_gather_object(all_logits, (topo.token_shard, logits.detach().cpu()))
     weights = gather_cluster_state_dicts(gpt, cfg.model, topo)
     grads = gather_cluster_state_dicts(gpt, cfg.model, topo, grads=True)
     if topo.rank != 0:
@@ -101,19 +109,19 @@ def oracle_check(cfg, topo) -> dict:
 
 
 def shared_sync_check(cfg, topo, steps: int = 5) -> dict:
-    gpt = build_model(cfg.model, topo, seed=cfg.seed)
+    gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=DTYPE)
     ddp = wrap_ddp(gpt, topo)
     opt = torch.optim.Adam(gpt.parameters(), lr=1e-2)
     for step in range(steps):
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        loss, _ = loss_and_logits(ddp, shard(batch(step + 1), topo))
+        loss, _ = loss_and_logits(ddp, on_device(shard(batch(step + 1), topo)))
         loss.backward()
         ddp.finish_grad_sync()
         for p in gpt.parameters():
-            p.grad = p.main_grad
+            p.grad = p.main_grad.to(p.dtype)
         opt.step()
-    outside = {n: p.detach().clone() for n, p in gpt.named_parameters()
+    outside = {n: p.detach().cpu().clone() for n, p in gpt.named_parameters()
                if "decoder.layers" not in n}
     everyone: list = [None] * topo.world_size
     dist.all_gather_object(everyone, (topo.cluster, outside))
@@ -135,9 +143,9 @@ def head_cost(gpt, topo) -> dict:
         lambda m, inputs, out: macs.append(inputs[0].shape[0] * inputs[0].shape[1]
                                            * m.weight.shape[0] * m.weight.shape[1]))
     with torch.no_grad():
-        tokens = shard(batch(), topo)
-        inputs = tokens[:, :-1]
-        gpt(inputs, torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs), None)
+        inputs = on_device(shard(batch(), topo))[:, :-1]
+        positions = torch.arange(inputs.shape[1], device=inputs.device)
+        gpt(inputs, positions.unsqueeze(0).expand_as(inputs), None)
     hook.remove()
     memory = sum(p.numel() for n, p in gpt.named_parameters() if "decoder.layers" not in n)
     return {"output_macs": macs[0], "outside_layers_numel": memory}
@@ -153,7 +161,7 @@ def same_function_check() -> dict:
         models[kind] = build_model(cfg.model, topo, seed=cfg.seed)
     models["moe"].load_state_dict(models["foe"].state_dict())
     for kind, model in models.items():
-        loss, logits = loss_and_logits(model, batch())
+        loss, logits = loss_and_logits(model, on_device(batch()))
         loss.backward()
         outs[kind] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
     (foe_logits, foe_grads), (moe_logits, moe_grads) = outs["foe"], outs["moe"]
@@ -192,8 +200,11 @@ def main() -> None:
                     help="FoE topologies D,C,L[:allgather] (dispatcher, default alltoall)")
     ap.add_argument("--moe", nargs="*", default=[], help="baseline EP sizes EP[:allgather]")
     ap.add_argument("--same-function", action="store_true")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    global DTYPE
+    DTYPE = DTYPES[args.dtype]
+    init_distributed()
     results = {"launch": {"nodes": len(set(node_map()))}}
     for spec in args.foe:
         layout, _, dispatcher = spec.partition(":")

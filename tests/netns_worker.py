@@ -8,10 +8,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from foe_train.runtime import init_distributed
+
 
 def main() -> None:
     out, hold = sys.argv[1], float(sys.argv[2])
-    dist.init_process_group("gloo")
+    init_distributed()
     x = torch.ones(1 << 18)  # 1 MiB
     start = time.perf_counter()
     for _ in range(5):

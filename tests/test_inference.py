@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from foe_train.config import ConfigError
-from foe_train.infer.cache_checks import LENGTH, PREFILL, TINY
 from foe_train.infer.generate import Sampling, choose, main, shard_prompts
 from launch.torchrun import torchrun_commands
+from tests.cache_checks import LENGTH, PREFILL, TINY
 
 LAUNCHES = {
     1: ["--foe", "1,1,1", "--moe", "1"],
@@ -34,7 +34,7 @@ def results(tmp_path_factory):
     runs = []
     for nproc, args in LAUNCHES.items():
         out = tmp_path_factory.mktemp("infer") / "results.json"
-        (cmd,) = torchrun_commands("foe_train.infer.cache_checks", [*args, "--out", str(out)],
+        (cmd,) = torchrun_commands("tests.cache_checks", [*args, "--out", str(out)],
                                    nproc=nproc)
         runs.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.PIPE, text=True, env=ENV)))

@@ -251,3 +251,37 @@ def test_parameter_budget_and_load_errors():
     del sds[0]["decoder.layers.1.mlp.linear_fc1.weight"]
     with pytest.raises(KeyError):
         two.load_megatron(sds)
+
+
+@pytest.mark.parametrize("sq,sk", [(12, 12), (1, 12), (4, 12)], ids=["prefill", "decode", "chunk"])
+def test_sdpa_core_attention_equals_megatron_local(build, sq, sk):
+    """The GPU-without-TE core attention (torch SDPA) computes what megatron's local
+    DotProductAttention does: causal prefill, one decode query against the cache, and a
+    chunk of queries at the end of the keys (8 query heads over 4 KV heads)."""
+    from megatron.core.hyper_comm_grid import HyperCommGrid
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from foe_train.model.attention import SDPAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=8,
+                            num_query_groups=4, use_cpu_initialization=True, attention_dropout=0.0)
+    tp = HyperCommGrid([1], ["tp"]).create_pg("tp")
+    pgc = ProcessGroupCollection(tp=tp)
+    args = (cfg, 1, AttnMaskType.causal, "self")
+    local, sdpa = DotProductAttention(*args, pg_collection=pgc), SDPAttention(*args,
+                                                                              pg_collection=pgc)
+    # the local attention forks megatron's RNG for dropout
+    model_parallel_cuda_manual_seed(0, tp_rank=0, ep_rank=0, etp_rank=0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(sq, 2, 8, 8, generator=g)
+    k, v = (torch.randn(sk, 2, 4, 8, generator=g) for _ in range(2))
+    # megatron's local attention masks with an explicit bool mask (True: dropped) when the
+    # query block is not square; SDPAttention aligns the causal mask to the end of the keys
+    mask = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq).logical_not()[None, None]
+    want = local(q, k, v, mask if sq != sk and sq > 1 else None)
+    _close(sdpa(q, k, v, None), want, 1e-5, "attention output")
+    assert sdpa(q, k, v, None).shape == (sq, 2, 64)

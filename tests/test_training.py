@@ -15,11 +15,11 @@ import psutil
 import pytest
 from megatron.core import dist_checkpointing
 
+from foe_train.checkpoint import complete_checkpoints, damage
 from foe_train.cli import train_main
 from foe_train.config import load_config
 from foe_train.data.loader import build_datasets, unigram_entropy
 from foe_train.data.tokenizers import build_tokenizer
-from foe_train.train.checkpoint import complete_checkpoints, damage
 from foe_train.train.tracking import read_offline_run
 from launch.torchrun import torchrun_commands
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from foe_train.config import load_config
-from foe_train.train.loop import init_distributed
+from foe_train.runtime import init_distributed
 
 
 def main() -> None:

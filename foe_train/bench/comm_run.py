@@ -11,7 +11,9 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,11 @@ from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_model import integral, predict
 from foe_train.config import load_config
 from foe_train.model.builder import build_model
+from foe_train.runtime import init_distributed
 from foe_train.topology import build_topology
+
+if TYPE_CHECKING:
+    from foe_train.train.job import Job
 
 # torch's tensor variants of a collective are one operation in the report and the formulas
 CANONICAL = {
@@ -30,6 +36,30 @@ CANONICAL = {
     "reduce_scatter_tensor": "reduce_scatter",
     "_reduce_scatter_base": "reduce_scatter",
 }
+
+
+def record_step(job: Job, step: Callable[[], Any]) -> Any:
+    """Run one training step under the communication recorder; rank 0 writes what each
+    collective kind sent per rank (mean over ranks) and whether it crossed nodes to the run
+    directory's comm_step.json (the training loop's ``first_step`` hook)."""
+    topo = job.topo
+    with CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec:
+        result = step()
+    by_kind = mean_over_ranks(gather_summaries(rec, by="op_kind"))
+    spans = _spans(rec, topo.world_size)
+    if topo.rank == 0:
+        report = {"step": job.scheduler.num_steps, "nodes": len(set(topo.node_of_rank)),
+                  "by_kind": by_kind, "collectives": spans}
+        (job.run_dir / "comm_step.json").write_text(json.dumps(report, indent=1))
+    return result
+
+
+def _spans(rec: CommRecorder, world_size: int) -> list[tuple]:
+    """(op, group kind, crossed nodes) of every collective any rank made."""
+    everyone: list[Any] = [None] * world_size
+    dist.all_gather_object(everyone, sorted({(r.op, r.group_kind, r.spans_nodes)
+                                             for r in rec.records}))
+    return sorted({tuple(s) for per_rank in everyone for s in per_rank})
 
 
 def mean_over_ranks(summaries: list[dict]) -> dict[str, dict[str, int | float]]:
@@ -101,18 +131,16 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("foe_train").setLevel(logging.INFO)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    here = init_distributed()
     cfg = load_config(args.config, [*args.overrides, "model.balanced_routing=true"])
     topo = build_topology(cfg.model, cfg.parallel)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if here.type == "cuda" else torch.float32
     gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype)
     seq = cfg.model.seq_length
     gen = torch.Generator().manual_seed(topo.token_shard)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, seq), generator=gen)
-    position = torch.arange(seq).unsqueeze(0).expand_as(tokens)
-    if cuda:
-        tokens, position = tokens.cuda(), position.cuda()
+    tokens = tokens.to(here)
+    position = torch.arange(seq, device=here).unsqueeze(0).expand_as(tokens)
     with CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec:
         logits = gpt(tokens, position, None)
         if args.backward:
@@ -120,9 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     counted = {op: {k: v for k, v in vals.items() if k != "seconds"}
                for op, vals in mean_over_ranks(gather_summaries(rec, by="op")).items()}
     by_kind = gather_summaries(rec, by="op_kind")
-    spans: list[object] = [None] * topo.world_size
-    mine = sorted({(r.op, r.group_kind, r.spans_nodes) for r in rec.records})
-    dist.all_gather_object(spans, mine)
+    spans = _spans(rec, topo.world_size)
     if topo.rank == 0:
         nodes = len(set(topo.node_of_rank))
         report = {
@@ -133,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 elem_bytes=torch.finfo(dtype).bits // 8, backward=args.backward,
             ),
             "by_kind": mean_over_ranks(by_kind),
-            "collectives": sorted({tuple(s) for per_rank in spans for s in per_rank}),
+            "collectives": spans,
             "topology": {"kind": topo.kind, "world_size": topo.world_size, "nodes": nodes},
             "dispatcher": gpt.decoder.layers[0].config.moe_token_dispatcher_type,
             "tokens": topo.token_shards * args.micro_batch * seq,

@@ -26,6 +26,7 @@ from foe_train.config import ConfigError, RecipeConfig, load_config
 from foe_train.infer.generate import decode_step, new_context, prefill
 from foe_train.model.builder import build_model
 from foe_train.model.head import greedy
+from foe_train.runtime import all_reduce_values, device, init_distributed, synchronize
 from foe_train.topology import Topology, build_topology
 
 
@@ -39,13 +40,14 @@ class Member:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(result, seconds of the slowest rank)."""
+    """(result, seconds of the slowest rank), the GPU's queued work waited for at both ends."""
     dist.barrier()
+    synchronize()
     start = time.perf_counter()
     out = fn()
-    elapsed = torch.tensor([time.perf_counter() - start])
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return out, float(elapsed)
+    synchronize()
+    elapsed = all_reduce_values([time.perf_counter() - start], op=dist.ReduceOp.MAX)
+    return out, float(elapsed[0])
 
 
 def _prompts(member: Member, batch: int, prompt_len: int) -> torch.Tensor:
@@ -56,7 +58,7 @@ def _prompts(member: Member, batch: int, prompt_len: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(member.topo.token_shard)
     tokens = torch.randint(0, member.cfg.model.vocab_size, (batch // shards, prompt_len),
                            generator=gen)
-    return tokens.cuda() if torch.cuda.is_available() else tokens
+    return tokens.to(device())
 
 
 def one_request(member: Member, tokens: torch.Tensor, gen_len: int) -> dict[str, list[float]]:
@@ -139,9 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    here = init_distributed()
+    dtype = torch.bfloat16 if here.type == "cuda" else torch.float32
     members = []
     for path in args.pair:
         cfg = load_config(path, args.overrides)

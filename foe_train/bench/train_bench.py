@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 from typing import Any
@@ -26,7 +25,9 @@ from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.latency import timed
 from foe_train.config import load_config
-from foe_train.train.loop import Job, build_job, train_step
+from foe_train.runtime import init_distributed
+from foe_train.train.job import Job, build_job
+from foe_train.train.step import train_step
 
 KINDS = ("foe", "moe")
 TOP_OPS = 15
@@ -43,14 +44,16 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 def profile_step(job: Job, step: int) -> dict[str, Any]:
-    """One training step under torch.profiler (CPU) and the collective recorder: this rank's
-    top ops by self CPU time, the step's time outside any recorded op (Python work, waits
-    the profiler does not see), and per collective kind the seconds, bytes and calls (mean
-    over ranks; the recorder times each call on the calling thread, waits included)."""
+    """One training step under torch.profiler (CPU ops; on a GPU their kernels' device time
+    too) and the collective recorder: this rank's top ops by self CPU time, the step's time
+    outside any recorded op (Python work, waits the profiler does not see), and per collective
+    kind the seconds, bytes and calls (mean over ranks; the recorder times each call on the
+    calling thread, waits included)."""
     topo = job.topo
     # the profiler's start-up takes a different time on each rank: start it in a warm-up
     # phase, line the ranks up, and only then record the step
-    with profile(activities=[ProfilerActivity.CPU],
+    gpu = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    with profile(activities=[ProfilerActivity.CPU, *gpu],
                  schedule=schedule(wait=0, warmup=1, active=1), acc_events=True) as prof:
         dist.barrier()
         prof.step()
@@ -62,6 +65,7 @@ def profile_step(job: Job, step: int) -> dict[str, Any]:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     ops = [e for e in events if not e.key.startswith(STEP_EVENT)]
     return {"profile": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                         "self_device_ms": e.self_device_time_total / 1e3,
                          "cpu_ms": e.cpu_time_total / 1e3, "calls": e.count}
                         for e in ops[:TOP_OPS]],
             "profiled_cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
@@ -134,10 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_distributed()
     cfgs = [load_config(path, args.overrides) for path in args.pair]
     jobs = {cfg.model.kind: build_job(cfg) for cfg in sorted(cfgs, key=lambda c: c.model.kind)}
     row = measure(jobs, args.steps, args.warmup)

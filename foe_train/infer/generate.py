@@ -37,6 +37,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 
+from foe_train import checkpoint
 from foe_train.config import (
     ConfigError,
     RecipeConfig,
@@ -47,8 +48,8 @@ from foe_train.config import (
 from foe_train.data.tokenizers import build_tokenizer
 from foe_train.model import head
 from foe_train.model.builder import build_model
+from foe_train.runtime import init_distributed
 from foe_train.topology import Topology, build_topology, check_layout
-from foe_train.train import checkpoint
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def generate(
     total = longest + max_new_tokens
     seq = torch.zeros(len(mine), total, dtype=torch.long, device=device)
     for row, i in enumerate(mine):
-        seq[row, :len(prompts[i])] = torch.tensor(prompts[i])
+        seq[row, :len(prompts[i])] = torch.tensor(prompts[i], device=device)
     generators = [torch.Generator().manual_seed(sampling.seed * 1_000_003 + i) for i in mine]
     context = new_context(len(mine), total)
     logits = prefill(model, context, seq[:, :shortest])
@@ -190,20 +191,6 @@ def generate(
     return [merged[i] for i in range(len(prompts))]
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """An iter_N directory as given, or the newest complete one under a checkpoints or run
-    directory."""
-    root = Path(path)
-    if (root / "metadata.json").is_file():
-        return root
-    found = checkpoint.complete_checkpoints(root / "checkpoints") or \
-        checkpoint.complete_checkpoints(root)
-    if not found:
-        raise ConfigError(f"--checkpoint: {path} holds no complete checkpoint; pass an iter_N "
-                          f"directory written by foe-train, or its run directory")
-    return found[-1]
-
-
 def inference_config(
     checkpoint_dir: str | None, recipe: str | None, overrides: list[str]
 ) -> tuple[RecipeConfig, Path | None]:
@@ -215,7 +202,7 @@ def inference_config(
         return load_config(recipe, overrides), None
     if recipe is not None:
         raise ConfigError("--config: the checkpoint brings its own recipe; drop --config")
-    path = resolve_checkpoint(checkpoint_dir)
+    path = checkpoint.newest(checkpoint_dir)
     for item in overrides:
         if item.startswith("model."):
             raise ConfigError(f"override '{item}': the model section comes from the checkpoint;"
@@ -227,16 +214,6 @@ def inference_config(
         raise ConfigError(f"parallel.clusters: checkpoint {path} has {clusters} clusters, not "
                           f"{cfg.parallel.clusters}; keep the checkpoint's clusters")
     return cfg, path
-
-
-def load_weights(model: GPTModel, cfg: RecipeConfig, topo: Topology, path: Path) -> None:
-    """Only the model weights of a foe-train checkpoint, each rank reading the global names it
-    holds now (so any D and L load, as in training's resume)."""
-    state = checkpoint.model_sharded_state_dict(model, cfg.model, topo)
-    loaded = dist_checkpointing.load({"model": state}, str(path))
-    with torch.no_grad():
-        for key, value in loaded["model"].items():
-            state[key].data.copy_(value)
 
 
 def inference_dtype(cfg: RecipeConfig) -> torch.dtype:
@@ -290,10 +267,7 @@ def _fail(msg: str) -> None:
 
 def _worker(args: argparse.Namespace, cfg: RecipeConfig, path: Path | None) -> None:
     """One rank: build the topology and model, load weights, generate, print on rank 0."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_distributed(cfg.training.collective_timeout_s)
     try:
         topo = build_topology(cfg.model, cfg.parallel)
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
@@ -302,7 +276,7 @@ def _worker(args: argparse.Namespace, cfg: RecipeConfig, path: Path | None) -> N
                               f"model.vocab_size={cfg.model.vocab_size}")
         model = build_model(cfg.model, topo, seed=cfg.seed, dtype=inference_dtype(cfg))
         if path is not None:
-            load_weights(model, cfg, topo, path)
+            checkpoint.load_weights(model, cfg.model, topo, path)
         prompts = tokenizer.encode_batch(args.prompt)
         out = generate(model, topo, prompts, args.max_new_tokens, _sampling(args, cfg),
                        tokenizer.vocab_size)

@@ -16,25 +16,33 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import LNImpl, get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    LNImpl,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.grouped_gemm_util import grouped_gemm_is_available
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
+from foe_train.model.attention import SDPAttention
+from foe_train.model.balanced_router import BalancedTopKRouter
 from foe_train.model.head import keep_logits_split, mark_vocab_shards, vocab_shard
-from foe_train.model.layer import BalancedTopKRouter, FoELayer
+from foe_train.model.layer import FoELayer
 from foe_train.topology import Topology, token_dispatcher
 
 
 def transformer_config(
     model: ModelConfig, clusters: int = 1, ep: int = 1, dtype: torch.dtype = torch.float32,
-    recompute: bool = False,
+    recompute: bool = False, backend: str = "local",
 ) -> TransformerConfig:
     """megatron TransformerConfig of one cluster (clusters=1: the whole baseline model).
-    recompute: megatron's full activation recompute, one layer at a time."""
+    recompute: megatron's full activation recompute, one layer at a time; backend: see
+    ``layer_backend``."""
     topk = cluster_topk(model, clusters) if clusters > 1 else model.moe_router_topk
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -48,6 +56,7 @@ def transformer_config(
         moe_router_topk=topk,
         moe_layer_freq=model.moe_layer_freq,
         moe_token_dispatcher_type=token_dispatcher(model, ep, topk),
+        moe_grouped_gemm=uses_grouped_gemm(backend),
         moe_router_pre_softmax=model.router_pre_softmax,
         moe_aux_loss_coeff=model.aux_loss_coeff,
         moe_z_loss_coeff=model.z_loss_coeff,
@@ -70,28 +79,58 @@ def transformer_config(
     )
 
 
-def _layer_spec(model: ModelConfig, layer: int, experts: int) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(
-        num_experts=experts if model.layer_is_moe(layer) else None,
-        moe_grouped_gemm=False,
-        normalization="RMSNorm",
-    )
-    if model.balanced_routing and model.layer_is_moe(layer):
+def layer_backend() -> str:
+    """Which megatron-core layer implementation this process builds: 'te' (Transformer
+    Engine: fused norm+linear, cuDNN/flash attention, grouped expert GEMMs) on CUDA when TE
+    imports, as in the NGC image; 'sdpa' (local layers, torch's fused attention) on CUDA
+    without TE; 'local' (megatron's plain PyTorch layers) on CPU."""
+    if not torch.cuda.is_available():
+        return "local"
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "te"
+
+
+def uses_grouped_gemm(backend: str) -> bool:
+    """Experts as one grouped GEMM (TE's, or the grouped_gemm package's) instead of a loop."""
+    return backend == "te" or (backend == "sdpa" and grouped_gemm_is_available())
+
+
+def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> ModuleSpec:
+    moe = model.layer_is_moe(layer)
+    grouped = moe and uses_grouped_gemm(backend)
+    if backend == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts if moe else None, moe_grouped_gemm=grouped,
+        )
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=experts if moe else None, moe_grouped_gemm=grouped,
+            normalization="RMSNorm",
+        )
+        if backend == "sdpa":
+            attention = spec.submodules.self_attention.submodules
+            attention.core_attention = SDPAttention
+    if model.balanced_routing and moe:
         mlp = spec.submodules.mlp
         mlp.submodules = dataclasses.replace(mlp.submodules, router=BalancedTopKRouter)
     return spec
 
 
 def block_spec(
-    model: ModelConfig, topo: Topology, dtype: torch.dtype, recompute: bool = False
+    model: ModelConfig, topo: Topology, dtype: torch.dtype, recompute: bool = False,
+    backend: str = "local",
 ) -> TransformerBlockSubmodules:
     """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE."""
     if topo.kind == "moe":
-        specs = [_layer_spec(model, i, model.num_experts) for i in range(model.num_layers)]
+        specs = [_layer_spec(model, i, model.num_experts, backend)
+                 for i in range(model.num_layers)]
         return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
     params = {
         "cluster_config": transformer_config(
-            model, topo.clusters, topo.ranks_per_cluster, dtype, recompute
+            model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
         "federation": topo.federation(),
@@ -99,27 +138,29 @@ def block_spec(
     }
     specs = []
     for i in range(model.num_layers):
-        stock = _layer_spec(model, i, model.num_experts // topo.clusters)
+        stock = _layer_spec(model, i, model.num_experts // topo.clusters, backend)
         specs.append(ModuleSpec(module=FoELayer, submodules=stock.submodules, params=params))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
 
 
 def build_model(
     model: ModelConfig, topo: Topology, seed: int = 1234, dtype: torch.dtype = torch.float32,
-    recompute: bool = False,
+    recompute: bool = False, backend: str | None = None,
 ) -> GPTModel:
     """The rank's GPTModel. Seeds so that shared weights are identical on every rank and
-    expert weights depend on the expert's global index only, whatever the topology."""
+    expert weights depend on the expert's global index only, whatever the topology.
+    backend: ``layer_backend()`` unless given."""
+    backend = backend or layer_backend()
     apply_cpu_compat()
     if parallel_state._GLOBAL_MEMORY_BUFFER is None:
         parallel_state._set_global_memory_buffer()
     ep_rank = dist.get_rank(topo.cluster_pg_collection().ep)
     model_parallel_cuda_manual_seed(seed, tp_rank=0, ep_rank=ep_rank, etp_rank=0)
     torch.manual_seed(seed)
-    config = transformer_config(model, 1, topo.expert_parallel, dtype, recompute)
+    config = transformer_config(model, 1, topo.expert_parallel, dtype, recompute, backend)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(model, topo, dtype, recompute),
+        transformer_layer_spec=block_spec(model, topo, dtype, recompute, backend),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="rope",

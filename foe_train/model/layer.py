@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from foe_train.model.federation import Federation, copy_to_federation, reduce_from_federation
@@ -104,21 +103,3 @@ class FoELayer(TransformerLayer):
             return h + reduce_from_federation(moe_out, fed), None
         return torch.cat([h, moe_out], dim=-1), None
 
-
-class BalancedTopKRouter(TopKRouter):
-    """Round-robin routing for communication measurement: token i of a rank goes to experts
-    (i*k + j) mod E, so every expert receives exactly T*k/E tokens from every rank and the
-    all-to-all volume is the formula's, not the learned router's whim. Probabilities are still
-    the router's softmax at the chosen experts, so gradients flow as usual."""
-
-    def routing(
-        self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_experts = self.config.num_moe_experts
-        logits = logits.view(-1, num_experts)
-        tokens = logits.shape[0]
-        slots = torch.arange(tokens).unsqueeze(1) * self.topk + torch.arange(self.topk)
-        routing_map = torch.zeros(tokens, num_experts, dtype=torch.bool)
-        routing_map.scatter_(1, slots % num_experts, True)
-        scores = torch.softmax(logits.float(), dim=-1).type_as(logits)
-        return scores * routing_map, routing_map

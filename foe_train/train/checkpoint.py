@@ -14,7 +14,6 @@ every file the checkpoint's index names, and ``--resume auto`` falls back to the
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import random
@@ -26,46 +25,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from torch.distributed.checkpoint import FileSystemReader
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from foe_train.config import ConfigError, ModelConfig, RecipeConfig
-from foe_train.model.builder import named_global_parameters
-from foe_train.model.head import vocab_shard
+from foe_train.checkpoint import PARTIAL, complete_checkpoints, damage, model_sharded_state_dict
+from foe_train.config import ConfigError, RecipeConfig
 
 if TYPE_CHECKING:
-    from foe_train.topology import Topology
-    from foe_train.train.loop import Job
-
-PARTIAL = ".partial"
+    from foe_train.train.job import Job
 
 
 def checkpoint_root(job: Job) -> Path:
     return job.run_dir / "checkpoints"
-
-
-def _replica_id(name: str, param: torch.Tensor, topo: Topology) -> int:
-    """0 on the one rank that writes this weight, >0 on the ranks holding copies."""
-    if ".local_experts." in name:
-        return dist.get_rank(topo.groups["expert_dp"])
-    if topo.kind == "foe" and ("decoder.layers." in name or vocab_shard(param)):
-        return dist.get_rank(topo.groups["token_dp"])
-    return topo.rank
-
-
-def model_sharded_state_dict(
-    model: torch.nn.Module, model_cfg: ModelConfig, topo: Topology
-) -> dict[str, ShardedTensor]:
-    """Every weight of this rank under its global name, the param itself as data."""
-    out = {}
-    for name, param in named_global_parameters(model, model_cfg, topo):
-        key = name.replace("/", ".")
-        shard = vocab_shard(param)
-        offsets = [(0, *shard)] if shard else []
-        out[key] = ShardedTensor.from_rank_offsets(
-            key, param, *offsets, replica_id=_replica_id(name, param, topo)
-        )
-    return out
 
 
 def _rng_state() -> dict[str, Any]:
@@ -143,16 +113,6 @@ def save(job: Job, step: int, wall_time_s: float = 0.0) -> Path:
     return final
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a .partial directory never counts)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith("iter_") and not p.name.endswith(PARTIAL)
-             and (p / "metadata.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
 def check_compatible(saved: dict[str, Any], cfg: RecipeConfig, path: Path) -> None:
     """Refuse (one line) a checkpoint this recipe cannot continue: another model kind, FoE
     cluster count or model shape; parallel.data and parallel.ranks_per_cluster may differ."""
@@ -173,35 +133,6 @@ def check_compatible(saved: dict[str, Any], cfg: RecipeConfig, path: Path) -> No
                 f"model.{key}: checkpoint {path} has {value!r}, this run {model_now.get(key)!r}"
                 f"; resume with the checkpoint's model section"
             )
-
-
-def damage(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot load, naming the damaged file, or None: its
-    metadata files are readable and every shard file its index names is present and holds the
-    byte ranges recorded for it. Cheap (no tensor is read), so it runs before any worker."""
-    try:
-        json.loads((path / "metadata.json").read_text())
-    except (OSError, ValueError) as exc:
-        return f"{path / 'metadata.json'} is unreadable ({type(exc).__name__})"
-    try:
-        index = FileSystemReader(str(path)).read_metadata()
-    except Exception as exc:  # a torn pickle raises anything from EOFError to KeyError
-        return f"{path / '.metadata'} is unreadable ({type(exc).__name__})"
-    try:
-        dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as exc:  # as above
-        return f"{path / 'common.pt'} is unreadable ({type(exc).__name__})"
-    needed: dict[str, int] = {}
-    for info in index.storage_data.values():
-        end = info.offset + info.length
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-    for rel, size in sorted(needed.items()):
-        shard = path / rel
-        if not shard.is_file():
-            return f"{shard} is missing"
-        if shard.stat().st_size < size:
-            return f"{shard} is truncated ({shard.stat().st_size} of {size} bytes)"
-    return None
 
 
 def resume_target(run_dir: Path, which: str) -> tuple[Path | None, list[str]]:

@@ -24,6 +24,7 @@ from foe_train.infer.generate import (
 )
 from foe_train.model import head
 from foe_train.model.builder import build_model
+from foe_train.runtime import init_distributed
 from foe_train.topology import Topology, build_topology
 
 TINY = {
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--foe", nargs="*", default=[], help="FoE topologies D,C,L")
     ap.add_argument("--moe", nargs="*", default=[], help="baseline EP sizes")
     args = ap.parse_args()
-    dist.init_process_group("gloo")
+    init_distributed()
     results: dict[str, dict] = {}
     for spec in args.foe:
         D, C, L = (int(x) for x in spec.split(","))
