@@ -78,22 +78,20 @@ def bench_main(argv: list[str] | None = None) -> None:
         _train_bench(args)
         return
 
-    from foe_train.topology import check_layout
+    from foe_train.topology import check_layout, consecutive_nodes
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.nodes < 1 or args.nproc % args.nodes:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
-        per_node = args.nproc // args.nodes
-        check_layout(cfg.model, cfg.parallel, args.nproc,
-                     [r // per_node for r in range(args.nproc)])
+        node_of_rank = consecutive_nodes(args.nproc, args.nodes)
+        check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
         if args.baseline:
             base = load_config(args.baseline, args.overrides)
             if (cfg.model.kind, base.model.kind) != ("foe", "moe"):
                 raise ConfigError("--baseline: give the FoE recipe as --config and the MoE "
                                   "recipe as --baseline")
-            check_layout(base.model, base.parallel, args.nproc,
-                         [r // per_node for r in range(args.nproc)])
+            check_layout(base.model, base.parallel, args.nproc, node_of_rank)
     except ConfigError as exc:
         _fail(str(exc))
     sys.exit(_comm(args, cfg))
@@ -127,16 +125,15 @@ def _comm(args: argparse.Namespace, cfg: RecipeConfig) -> int:
 
 
 def _latency(args: argparse.Namespace) -> None:
-    from foe_train.topology import check_layout
+    from foe_train.topology import check_layout, consecutive_nodes
 
     try:
         if args.nodes < 1 or args.nproc % args.nodes:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
-        per_node = args.nproc // args.nodes
+        node_of_rank = consecutive_nodes(args.nproc, args.nodes)
         for path in args.pair:
             cfg = load_config(path, args.overrides)
-            check_layout(cfg.model, cfg.parallel, args.nproc,
-                         [r // per_node for r in range(args.nproc)])
+            check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
             if max(args.prompt_len) + args.gen_len > cfg.model.seq_length:
                 raise ConfigError(f"--prompt-len + --gen-len exceed model.seq_length="
                                   f"{cfg.model.seq_length} of {path}; shorten them")

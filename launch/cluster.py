@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from foe_train.config import ConfigError, RecipeConfig, load_config
+
+if TYPE_CHECKING:
+    from foe_train.topology import Grid
 
 # SLURM's --time forms we accept: [days-]hours:minutes:seconds
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$")
@@ -95,11 +98,12 @@ def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
-def _foe_node(cfg: RecipeConfig, ranks: range) -> str:
-    C, L = cfg.parallel.clusters, cfg.parallel.ranks_per_cluster
+def _foe_node(grid: Grid, ranks: list[int]) -> str:
+    L = grid.ranks_per_cluster
     replicas: dict[int, list[int]] = {}
-    for rank in ranks[::L]:
-        replicas.setdefault(rank // (C * L), []).append(rank // L % C)
+    for dp, c, l in map(grid.coords, ranks):
+        if l == 0:
+            replicas.setdefault(dp, []).append(c)
     parts = []
     for dp, cs in replicas.items():
         many = len(cs) > 1
@@ -108,27 +112,23 @@ def _foe_node(cfg: RecipeConfig, ranks: range) -> str:
     return ", ".join(parts)
 
 
-def _moe_node(cfg: RecipeConfig, ranks: range, world: int) -> str:
-    from foe_train.topology import expert_parallel_size
-
-    ep = expert_parallel_size(cfg.parallel, world)
-    groups = sorted({rank // ep for rank in ranks})
+def _moe_node(grid: Grid, ranks: list[int]) -> str:
+    # the baseline's grid has one cluster: an EP group is a replica (Grid's docstring)
+    groups = sorted({grid.coords(rank).dp for rank in ranks})
     return (f"MoE baseline, EP group{'s' if len(groups) > 1 else ''} "
-            f"{_span(groups[0], groups[-1])} of {ep} ranks")
+            f"{_span(groups[0], groups[-1])} of {grid.expert_parallel} ranks")
 
 
 def placement(cfg: RecipeConfig, nodes: int, per_node: int) -> list[str]:
     """One line per node: which ranks it runs and what they are. Ranks are consecutive per
     node, as torchrun assigns them. Raises TopologyError (one line) for a layout that cannot
     run, e.g. a cluster spanning nodes."""
-    from foe_train.topology import check_layout
+    from foe_train.topology import check_layout, consecutive_nodes
 
     world = nodes * per_node
-    check_layout(cfg.model, cfg.parallel, world, [r // per_node for r in range(world)])
+    grid = check_layout(cfg.model, cfg.parallel, world, consecutive_nodes(world, nodes))
     lines = []
-    for node in range(nodes):
-        ranks = range(node * per_node, (node + 1) * per_node)
-        what = (_foe_node(cfg, ranks) if cfg.model.kind == "foe"
-                else _moe_node(cfg, ranks, world))
+    for node, ranks in enumerate(grid.node_ranks()):
+        what = _foe_node(grid, ranks) if grid.kind == "foe" else _moe_node(grid, ranks)
         lines.append(f"node{node}: ranks {_span(ranks[0], ranks[-1])}: {what}")
     return lines

@@ -180,7 +180,7 @@ def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
         cfg = RecipeConfig.model_validate({"model": model, "parallel": parallel})
         topo = build_topology(cfg.model, cfg.parallel)
         results[mode or "moe"] = oracle_check(cfg, topo)
-        results["two_level"] = kind == "foe" and topo.federation().two_level
+        results["two_level"] = kind == "foe" and topo.federation_groups()[1] is not None
         results[mode or "moe"].update(shared_sync_check(cfg, topo))
     if kind == "foe" and dispatcher == "alltoall":
         for other in ("foe", "moe"):

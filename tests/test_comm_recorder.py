@@ -214,6 +214,31 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         ("megatron_bound_gather", megatron_bound_gather),
         ("torch_nn_functional", torch_nn_functional),
     ]
+    # Another tool's (*args, **kwargs) shims (a profiler, a debugging wrapper), installed
+    # before the first recorder of this process: the recorder must still bind the arguments by
+    # torch's parameter names, and still catch mappings' import-time binding of torch's own
+    # all_gather_into_tensor, which the shim does not replace.
+    shim_calls = []
+
+    def shimmed(op):
+        real = getattr(dist, op)
+
+        def shim(*args, **kwargs):
+            shim_calls.append(op)
+            return real(*args, **kwargs)
+
+        return shim
+
+    shims = {op: shimmed(op) for op in ("all_to_all_single", "all_gather_into_tensor")}
+    for op, shim in shims.items():
+        setattr(dist, op, shim)
+    try:
+        run("shimmed", lambda: a2a_single() and megatron_bound_gather())
+        shim_kept = all(getattr(dist, op) is shim for op, shim in shims.items())
+    finally:
+        for op in shims:
+            setattr(dist, op, originals[op])
+
     # an outer recorder around per-check inner recorders: nesting records in both
     with CommRecorder(group_kinds=KINDS, node_of_rank=NODES) as outer:
         for name, fn in steps:
@@ -246,6 +271,7 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         "restored": after,
         "not_recorded_after": not_recorded_after,
         "restored_after_exception": after_exc,
+        "shim": {"calls": shim_calls, "kept": shim_kept},
     }
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(result, indent=1, sort_keys=True))
     dist.barrier()
@@ -401,6 +427,18 @@ def test_megatron_call_sites(results):
         fwd, bwd = _recs(res, "torch_nn_functional")  # torch.distributed.nn autograd
         _check(fwd, "all_reduce", cl, "cluster_ep", 8, 0, False)
         _check(bwd, "all_reduce", cl, "cluster_ep", 8, 0, False)
+
+
+def test_counts_through_another_tools_shim(results):
+    """With (*args, **kwargs) shims installed first, the shims still run and the recorder
+    counts exactly what it counts without them."""
+    def facts(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in rec.items() if k != "seconds"} for rec in records]
+
+    for res in results:
+        plain = _recs(res, "a2a_single") + _recs(res, "megatron_bound_gather")
+        assert len(plain) == 2 and facts(_recs(res, "shimmed")) == facts(plain)
+        assert res["shim"] == {"calls": ["all_to_all_single"], "kept": True}
 
 
 def test_nesting_summary_and_gather(results):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from foe_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
-from foe_train.topology import TopologyError, check_layout
+from foe_train.topology import Grid, TopologyError, check_layout, consecutive_nodes
 
 MODEL = ModelConfig(num_query_groups=4, num_experts=8, moe_router_topk=2)
 
@@ -59,6 +59,55 @@ def test_cluster_per_node_is_accepted():
 def test_moe_expert_parallel_must_divide_experts():
     model = ModelConfig(kind="moe", num_experts=6, moe_router_topk=2)
     assert "parallel.expert_parallel=4" in refuse(model, ParallelConfig(), 4, [0] * 4)
+
+
+def test_grid_groups_follow_the_design_table():
+    """Design §2: rank = (dp*C + c)*L + l; each group is the ranks sharing the coordinates the
+    table names; a federation shares one token shard, the D*L shards are all distinct."""
+    D, C, L = 2, 3, 2
+    grid = check_layout(ModelConfig(num_query_groups=6, num_attention_heads=6, hidden_size=60,
+                                    num_experts=12, moe_router_topk=3, vocab_size=258),
+                        ParallelConfig(data=D, clusters=C, ranks_per_cluster=L), 12,
+                        consecutive_nodes(12, 3))
+    assert grid.node_of_rank == (0,) * 4 + (1,) * 4 + (2,) * 4
+    assert grid.rank(1, 2, 1) == 11 and grid.coords(11) == (1, 2, 1)
+    same = {"cluster_ep": ("dp", "c"), "federation": ("dp", "l"), "token_dp": ("c",),
+            "expert_dp": ("c", "l"), "replica": ("dp",)}
+    for rank in range(D * C * L):
+        mine = grid.coords(rank)
+        assert grid.rank(*mine) == rank
+        for name, fixed in same.items():
+            expect = [r for r in range(D * C * L)
+                      if all(getattr(grid.coords(r), k) == getattr(mine, k) for k in fixed)]
+            assert grid.group(name, rank) == expect, (name, rank)
+        shards = {grid.token_shard(r) for r in grid.group("federation", rank)}
+        assert shards == {mine.dp * L + mine.l}
+    assert sorted({grid.token_shard(r) for r in range(D * C * L)}) == list(range(D * L))
+    assert grid.token_shards == D * L
+    assert grid.groups("cluster_ep") == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
+    assert set(grid.rank_groups()) == {"single", *same}  # members uneven over nodes: flat
+
+
+def test_grid_of_the_baseline_is_one_cluster_of_ep_ranks():
+    model = ModelConfig(kind="moe", num_experts=8, moe_router_topk=2)
+    grid = check_layout(model, ParallelConfig(expert_parallel=4), 8, [0] * 8)
+    assert grid.rank_groups() == {
+        "single": [[r] for r in range(8)], "ep": [[0, 1, 2, 3], [4, 5, 6, 7]],
+        "dp": [list(range(8))], "expert_dp": [[0, 4], [1, 5], [2, 6], [3, 7]]}
+    assert [grid.token_shard(r) for r in range(8)] == list(range(8)) and grid.token_shards == 8
+    assert grid.federation_levels() == ([], [])
+
+
+def test_federation_levels_two_members_per_node():
+    parallel = ParallelConfig(clusters=4)
+    two_level = Grid.of("foe", parallel, 4, consecutive_nodes(4, 2))
+    assert two_level.federation_levels() == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    assert two_level.rank_groups()["federation_local"] == [[0, 1], [2, 3]]
+    for nodes in (1, 4):  # all members on one node, or one member per node: flat
+        assert Grid.of("foe", parallel, 4, consecutive_nodes(4, nodes)).federation_levels() \
+            == ([], [])
+    uneven = Grid.of("foe", ParallelConfig(clusters=3), 3, [0, 0, 1])
+    assert uneven.federation_levels() == ([], [])
 
 
 def test_recipe_errors_name_the_field(tmp_path):

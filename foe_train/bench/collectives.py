@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from foe_train.bench.projection import Link, comm_seconds
+from foe_train.bench.comm_model import Link, comm_seconds
+from foe_train.topology import consecutive_nodes, ranks_by_node
 
 # Bytes of the tensor handed to one collective (fp32), per scope: loopback collectives are
 # cheap, so the intra-node sizes go higher to reach times well above the scheduling noise.
@@ -108,9 +109,7 @@ def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = world // per_node
-
-    def node_of(r: int) -> int:
-        return r // per_node
+    node_of_rank = consecutive_nodes(world, nodes)
 
     def own(groups: list[list[int]]) -> tuple[list[int], object]:
         """Create every group (all ranks must), return this rank's members and handle."""
@@ -118,12 +117,11 @@ def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
         i = next(i for i, g in enumerate(groups) if rank in g)
         return groups[i], handles[i]
 
-    node_groups = [[n * per_node + i for i in range(per_node)] for n in range(nodes)]
+    node_groups = ranks_by_node(node_of_rank)
     patterns = [
         ("all_reduce", "intra_node", node_groups),
         ("all_to_all", "intra_node", node_groups),
-        ("all_reduce", "inter_node",
-         [[n * per_node + i for n in range(nodes)] for i in range(per_node)]),
+        ("all_reduce", "inter_node", [list(column) for column in zip(*node_groups, strict=True)]),
         ("all_to_all", "inter_node", [list(range(world))]),
     ]
     points, calls = [], []
@@ -135,7 +133,7 @@ def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
                 calls.append(lambda x=x, g=group: dist.all_reduce(x, group=g))
             else:
                 calls.append(lambda x=x, y=y, g=group: dist.all_to_all_single(y, x, group=g))
-            sent, cross = traffic(op, members, rank, node_of, nbytes)
+            sent, cross = traffic(op, members, rank, node_of_rank.__getitem__, nbytes)
             # patterns are symmetric, so rank 0's counts are every rank's mean
             points.append({"op": op, "scope": scope, "ranks": len(members), "size": nbytes,
                            "bytes": sent, "cross_node_bytes": cross})

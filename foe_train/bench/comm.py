@@ -57,6 +57,12 @@ functions is replaced too. On exit exactly the replaced attributes are restored,
 that leaked into modules imported during the region are swapped back to the originals; a
 wrapper called while no recorder is active just calls the original.
 
+Other tools' wrappers: when ``torch.distributed.X`` is already another tool's wrapper (a
+profiler, a debugging shim ``def shim(*args, **kwargs)``), the recorder wraps that wrapper, which
+keeps running, and also torch's own ``distributed_c10d.X`` where modules bound it before the
+shim went in. Every call is bound against torch's own signature of X, captured once at import,
+so byte counting never depends on the signature of whatever was installed first.
+
 A collective issued from inside another patched collective (e.g. torch internals) is recorded
 once, as the outer call. Not seen: collectives issued from C++ (torch's own
 ``nn.parallel.DistributedDataParallel`` reducer, ``_broadcast_coalesced``), functional
@@ -83,6 +89,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from foe_train.topology import placed_node
 
 __all__ = [
     "PATCHED_OPS",
@@ -117,7 +126,13 @@ _INPUT_ARG = {
     "_reduce_scatter_base": "input", "reduce_scatter": "input_list", "broadcast": "tensor",
     "reduce": "tensor",
 }
-_C10D_MODULE = "torch.distributed.distributed_c10d"
+_C10D_MODULE = c10d.__name__
+# torch's own signatures, taken once at import: calls are bound against these, never against
+# whatever torch.distributed holds when a recorder starts, which may be another tool's
+# ``(*args, **kwargs)`` shim (a profiler, a debugging wrapper) that hides the parameter names.
+_SIGNATURES: dict[str, inspect.Signature] = {
+    op: inspect.signature(getattr(c10d, op)) for op in PATCHED_OPS
+}
 
 
 @dataclass
@@ -165,8 +180,7 @@ def _split_list(sizes: Any) -> list[int] | None:
 def _default_node_of_rank() -> Callable[[int], int]:
     lws = os.environ.get("LOCAL_WORLD_SIZE")
     if lws and int(lws) > 0:
-        per = int(lws)
-        return lambda r: r // per
+        return functools.partial(placed_node, ranks_per_node=int(lws))
     return lambda r: 0
 
 
@@ -175,10 +189,8 @@ def _default_node_of_rank() -> Callable[[int], int]:
 # ---------------------------------------------------------------------------------------------
 _lock = threading.RLock()
 _active: list[CommRecorder] = []
-_originals: dict[str, Callable] = {}  # op -> original torch.distributed function
-_wrappers: dict[str, Callable] = {}  # op -> installed wrapper
+_wrappers: dict[int, tuple[Callable, Callable]] = {}  # id(wrapped) -> (wrapped, its wrapper)
 _patched: list[tuple[Any, str, Any]] = []  # (namespace, attribute, original value)
-_signatures: dict[str, inspect.Signature] = {}
 _group_cache: dict[int, tuple[Any, tuple[int, ...]]] = {}
 _tls = threading.local()
 
@@ -199,7 +211,7 @@ def _not_member(group: Any) -> bool:
 
 
 def _make_wrapper(op: str, original: Callable) -> Callable:
-    sig = _signatures[op]
+    sig = _SIGNATURES[op]
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -251,23 +263,23 @@ def _module_dicts() -> list[tuple[Any, dict]]:
 
 
 def _install() -> None:
-    _originals.clear()
+    """Wrap, for every op, what torch.distributed holds now and torch's own function (which
+    modules that bound it before another tool's shim went in still hold), wherever a loaded
+    module refers to either."""
     _wrappers.clear()
     for op in PATCHED_OPS:
-        fn = getattr(dist, op)
-        if _is_wrapper(fn):  # should not happen; never wrap a wrapper
-            raise RuntimeError(f"torch.distributed.{op} is already wrapped by CommRecorder")
-        _originals[op] = fn
-        _signatures.setdefault(op, inspect.signature(fn))
-        _wrappers[op] = _make_wrapper(op, fn)
-    by_id = {id(fn): op for op, fn in _originals.items()}
+        for fn in (getattr(dist, op), getattr(c10d, op)):
+            if _is_wrapper(fn):  # should not happen; never wrap a wrapper
+                raise RuntimeError(f"torch.distributed.{op} is already wrapped by CommRecorder")
+            if id(fn) not in _wrappers:
+                _wrappers[id(fn)] = (fn, _make_wrapper(op, fn))
     for mod, d in _module_dicts():
         for attr, value in list(d.items()):
-            op = by_id.get(id(value))
-            if op is not None and value is _originals[op]:
+            hit = _wrappers.get(id(value))
+            if hit is not None and value is hit[0]:
                 _patched.append((mod, attr, value))
     for mod, attr, value in _patched:
-        setattr(mod, attr, _wrappers[by_id[id(value)]])
+        setattr(mod, attr, _wrappers[id(value)][1])
 
 
 def _uninstall() -> None:
@@ -275,13 +287,13 @@ def _uninstall() -> None:
         setattr(mod, attr, value)
     _patched.clear()
     # wrappers captured by modules imported while recording (e.g. `from torch.distributed
-    # import all_reduce`) go back to the originals
-    wrapper_ids = {id(w): op for op, w in _wrappers.items()}
+    # import all_reduce`) go back to what they wrapped
+    originals = {id(wrapper): (wrapper, fn) for fn, wrapper in _wrappers.values()}
     for mod, d in _module_dicts():
         for attr, value in list(d.items()):
-            op = wrapper_ids.get(id(value))
-            if op is not None and value is _wrappers[op]:
-                setattr(mod, attr, _originals[op])
+            hit = originals.get(id(value))
+            if hit is not None and value is hit[0]:
+                setattr(mod, attr, hit[1])
     _group_cache.clear()
 
 
@@ -295,7 +307,8 @@ class CommRecorder:
         by ``new_group``) -> kind name ("federation", "cluster_ep", "token_dp", "expert_dp",
         "ep", "dp", ...). Groups not listed are of kind "other".
     node_of_rank: global rank -> node index, as a callable or a list. Default:
-        ``rank // LOCAL_WORLD_SIZE`` when that variable is set, else every rank on node 0.
+        LOCAL_WORLD_SIZE consecutive ranks per node when that variable is set (torchrun's
+        placement, ``topology.placed_node``), else every rank on node 0.
     """
 
     def __init__(
@@ -438,8 +451,6 @@ def gather_summaries(recorder: CommRecorder, by: str = "op") -> list[dict]:
     mine = recorder.summary(by)
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]
-    gather = _originals.get("all_gather_object") if _active else None
-    gather = gather or dist.all_gather_object
     out: list[Any] = [None] * dist.get_world_size()
-    gather(out, mine)
+    c10d.all_gather_object(out, mine)  # torch's own: never wrapped (see _module_dicts)
     return out

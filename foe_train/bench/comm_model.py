@@ -15,6 +15,10 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
   Of the token traffic a fraction (P - P/N)/P goes to other nodes.
 The communication accounting (bench.comm) counts the same quantities from the real calls; a test
 checks the two agree exactly.
+
+Time of those bytes: the alpha-beta model (``Link``, ``comm_seconds``) that bench.projection
+prices them with and bench.collectives fits on the emulated fabric; it lives here so those two
+share it without importing each other.
 """
 
 from __future__ import annotations
@@ -22,11 +26,31 @@ from __future__ import annotations
 from collections import defaultdict
 from fractions import Fraction
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from foe_train.config import ModelConfig, ParallelConfig, cluster_topk
-from foe_train.topology import expert_parallel_size, federation_levels, token_dispatcher
+from foe_train.topology import Grid, consecutive_nodes, token_dispatcher
 
 PROB_BYTES = 4
 COUNT_BYTES = 8
+
+
+class Link(BaseModel):
+    """One fabric scope as the alpha-beta model sees it, per GPU and direction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bandwidth: float = Field(gt=0, description="bytes/s (beta)")
+    latency: float = Field(ge=0, description="seconds per call (alpha)")
+
+
+def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
+                 inter: Link) -> float:
+    """Alpha-beta time of `calls` collectives sending nbytes per rank in all, cross_bytes of
+    them to other nodes: the per-call latency is the inter-node one as soon as anything
+    crosses, each byte goes at its own scope's bandwidth."""
+    alpha = (inter if cross_bytes > 0 else intra).latency
+    return calls * alpha + (nbytes - cross_bytes) / intra.bandwidth + cross_bytes / inter.bandwidth
 
 
 def _ring(n: int, nbytes: int) -> Fraction:
@@ -34,16 +58,12 @@ def _ring(n: int, nbytes: int) -> Fraction:
 
 
 def _rank_traffic(
-    model: ModelConfig, parallel: ParallelConfig, world_size: int, nodes: int, rank: int,
-    tokens: int, elem_bytes: int, backward: bool,
+    model: ModelConfig, grid: Grid, rank: int, tokens: int, elem_bytes: int, backward: bool,
 ) -> dict[str, dict[str, Fraction]]:
     out: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
     d, layers = model.hidden_size, model.num_layers
     moe_layers = sum(model.layer_is_moe(i) for i in range(layers))
-    per_node = world_size // nodes
-
-    def node(r: int) -> int:
-        return r // per_node
+    node = grid.node_of
 
     def add(op: str, calls: int, nbytes: Fraction, cross: Fraction) -> None:
         if calls:
@@ -52,23 +72,21 @@ def _rank_traffic(
             out[op]["cross_node_bytes"] += calls * cross
 
     if model.kind == "foe":
-        C, L = parallel.clusters, parallel.ranks_per_cluster
+        C, L = grid.clusters, grid.ranks_per_cluster
         P, k, E = L, cluster_topk(model, C), model.num_experts // C
-        ep_group = [rank - rank % L + i for i in range(L)]
+        ep_group = grid.group("cluster_ep", rank)
         if C > 1:
             sums = layers + 1 if model.residual_sync == "post_attention" else 2 * layers
             sums += 2 * layers if backward else 0
-            cluster = (rank // L) % C
-            successor = rank + L if cluster < C - 1 else rank - (C - 1) * L
+            federation = grid.group("federation", rank)
+            successor = federation[(federation.index(rank) + 1) % C]
             nbytes = _ring(C, tokens * d * elem_bytes)
             flat_cross = nbytes if node(successor) != node(rank) else 0 * nbytes
             # the split head, flat over the federation: the output layer sums its input
             # gradient backward; a tied (hence split) embedding sums its rows forward
             head_sums = int(backward) + int(not model.untie_embeddings)
             add("all_reduce", head_sums, nbytes, flat_cross)
-            local, cross = federation_levels(
-                parallel.data, C, L, [node(r) for r in range(world_size)]
-            )
+            local, cross = grid.federation_levels()
             if local:
                 m, spanned = len(local[0]), len(cross[0])
                 part = Fraction(-(-tokens * d // m) * elem_bytes)
@@ -78,9 +96,9 @@ def _rank_traffic(
             else:
                 add("all_reduce", sums, nbytes, flat_cross)
     else:
-        P = expert_parallel_size(parallel, world_size)
+        P = grid.expert_parallel
         k, E = model.moe_router_topk, model.num_experts
-        ep_group = [rank - rank % P + i for i in range(P)]
+        ep_group = grid.group("ep", rank)
     ring_cross = P > 1 and node(ep_group[(ep_group.index(rank) + 1) % P]) != node(rank)
     if P > 1 and moe_layers and token_dispatcher(model, P, k) == "allgather":
         # per layer: all-gathers of the routing map (E bools per token), probabilities (E
@@ -120,10 +138,9 @@ def predict(
     """Predicted {op: {bytes, cross_node_bytes, calls}} per rank (mean over the job's ranks)
     for one forward (and backward) pass on tokens_per_rank tokens."""
     total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
+    grid = Grid.of(model.kind, parallel, world_size, consecutive_nodes(world_size, nodes))
     for rank in range(world_size):
-        traffic = _rank_traffic(
-            model, parallel, world_size, nodes, rank, tokens_per_rank, elem_bytes, backward
-        )
+        traffic = _rank_traffic(model, grid, rank, tokens_per_rank, elem_bytes, backward)
         for op, vals in traffic.items():
             for key, value in vals.items():
                 total[op][key] += Fraction(value) / world_size

@@ -53,7 +53,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from foe_train.bench.comm_model import predict
+from foe_train.bench.comm_model import Link, comm_seconds, predict
 from foe_train.config import (
     ConfigError,
     ModelConfig,
@@ -62,20 +62,13 @@ from foe_train.config import (
     cluster_topk,
     load_config,
 )
-from foe_train.topology import Topology, check_layout, expert_parallel_size
+from foe_train.topology import Grid, check_layout, consecutive_nodes, expert_parallel_size
 
 METRICS = ("forward", "ttft", "tbt", "generate")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Link(_Strict):
-    """One fabric scope as the alpha-beta model sees it, per GPU and direction."""
-
-    bandwidth: float = Field(gt=0, description="bytes/s (beta)")
-    latency: float = Field(ge=0, description="seconds per call (alpha)")
 
 
 class Scopes(_Strict):
@@ -125,20 +118,10 @@ def load_hardware(path: str | Path, calibration: str | Path | None = None) -> Ha
     return hw.model_copy(update=update)
 
 
-def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
-                 inter: Link) -> float:
-    """Alpha-beta time of `calls` collectives sending nbytes per rank in all, cross_bytes of
-    them to other nodes: the per-call latency is the inter-node one as soon as anything
-    crosses, each byte goes at its own scope's bandwidth."""
-    alpha = (inter if cross_bytes > 0 else intra).latency
-    return calls * alpha + (nbytes - cross_bytes) / intra.bandwidth + cross_bytes / inter.bandwidth
-
-
 def adapt_parallel(cfg: RecipeConfig, nodes: int, gpus_per_node: int) -> ParallelConfig:
     """The recipe's parallel section refitted to nodes x gpus_per_node (module docstring);
     refuses a layout the model cannot run on, in one line."""
     world, model = nodes * gpus_per_node, cfg.model
-    node_of_rank = [r // gpus_per_node for r in range(world)]
     if model.kind == "moe":
         parallel = ParallelConfig(data=world)
     else:
@@ -152,7 +135,7 @@ def adapt_parallel(cfg: RecipeConfig, nodes: int, gpus_per_node: int) -> Paralle
                 if per_replica % l == 0 and gpus_per_node % l == 0 and experts % l == 0)
         parallel = ParallelConfig(data=per_replica // L, clusters=C, ranks_per_cluster=L)
     try:
-        check_layout(model, parallel, world, node_of_rank)
+        check_layout(model, parallel, world, consecutive_nodes(world, nodes))
     except ConfigError as exc:
         raise ConfigError(f"{model.kind} on {nodes} node(s) x {gpus_per_node} GPUs: "
                           f"{exc}") from None
@@ -161,8 +144,7 @@ def adapt_parallel(cfg: RecipeConfig, nodes: int, gpus_per_node: int) -> Paralle
 
 def token_shards(model: ModelConfig, parallel: ParallelConfig, world: int) -> int:
     """How many ways the batch is split (FoE D*L, the baseline one shard per rank)."""
-    return Topology(model.kind, world, 0, [0] * world, parallel.data, parallel.clusters,
-                    parallel.ranks_per_cluster).token_shards
+    return Grid.of(model.kind, parallel, world, [0] * world).token_shards
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from foe_train.data.tokenizers import build_tokenizer
 from foe_train.model import head
 from foe_train.model.builder import build_model
 from foe_train.runtime import init_distributed
-from foe_train.topology import Topology, build_topology, check_layout
+from foe_train.topology import Topology, build_topology, check_layout, consecutive_nodes
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         under_torchrun = "LOCAL_RANK" in os.environ
         nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun else \
             args.nproc or cfg.parallel.world_size
-        check_layout(cfg.model, cfg.parallel, nproc, [0] * nproc)
+        check_layout(cfg.model, cfg.parallel, nproc, consecutive_nodes(nproc, 1))
     except ConfigError as exc:
         _fail(str(exc))
     if under_torchrun:

@@ -31,6 +31,7 @@ from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
 from foe_train.model.attention import SDPAttention
 from foe_train.model.balanced_router import BalancedTopKRouter
+from foe_train.model.federation import Federation
 from foe_train.model.head import keep_logits_split, mark_vocab_shards, vocab_shard
 from foe_train.model.layer import FoELayer
 from foe_train.topology import Topology, token_dispatcher
@@ -133,7 +134,7 @@ def block_spec(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
-        "federation": topo.federation(),
+        "federation": Federation(*topo.federation_groups()),
         "residual_sync": model.residual_sync,
     }
     specs = []
