@@ -20,6 +20,7 @@ setup(
         "wandb",
         "tqdm",
         "psutil",
+        "deepspeed==0.19.8",  # its ZeRO internals are used: docs/deepspeed.md
     ],
     extras_require={
         "cpu": ["torch==2.13.0"],

@@ -92,6 +92,15 @@ class DataConfig(_Section):
     cache_dir: str = "~/.cache/foe-train"
 
 
+class DeepSpeedSection(_Section):
+    """DeepSpeed settings of ``training.engine: deepspeed`` (docs/deepspeed.md): the ZeRO stage
+    of the config generated from the recipe (default 1), or a DeepSpeed JSON file, whose
+    batch, clipping and precision keys must then agree with the recipe."""
+
+    zero_stage: int | None = None
+    config: str | None = None
+
+
 class TrainingConfig(_Section):
     """Budget and optimisation. Batch sizes count sequences; micro_batch_size is per token
     shard, global_batch_size per optimizer step over all shards."""
@@ -112,6 +121,9 @@ class TrainingConfig(_Section):
     distributed_optimizer: bool = False
     recompute: bool = False
     bf16: bool | None = None
+    # megatron: megatron-core's DDP and optimizer; deepspeed: the same model under DeepSpeed ZeRO
+    engine: Literal["megatron", "deepspeed"] = "megatron"
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
     # a collective that waits longer than this (a dead or stopped peer) fails the job instead
     # of hanging it for torch's 10-30 minute default
     collective_timeout_s: float = 600.0
@@ -127,6 +139,16 @@ class TrainingConfig(_Section):
             raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, training.lr]")
         if min(self.micro_batch_size, self.global_batch_size, self.train_iters) < 1:
             raise ValueError("training: batch sizes and train_iters must be positive")
+        if self.engine != "deepspeed" and self.deepspeed != DeepSpeedSection():
+            raise ValueError(
+                "training.deepspeed: applies only to training.engine=deepspeed; set "
+                "training.engine=deepspeed or remove the training.deepspeed section"
+            )
+        if self.engine == "deepspeed" and self.distributed_optimizer:
+            raise ValueError(
+                "training.distributed_optimizer: megatron's distributed optimizer has no role "
+                "under training.engine=deepspeed (ZeRO partitions the optimizer); set it to false"
+            )
         if self.collective_timeout_s <= 0:
             raise ValueError(
                 f"training.collective_timeout_s={self.collective_timeout_s} must be positive "

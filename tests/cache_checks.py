@@ -26,13 +26,9 @@ from foe_train.model import head
 from foe_train.model.builder import build_model
 from foe_train.runtime import init_distributed
 from foe_train.topology import Topology, build_topology
+from tests import dist_checks
 
-TINY = {
-    "num_layers": 3, "moe_layer_freq": [1, 0, 1], "hidden_size": 32, "num_attention_heads": 8,
-    "num_query_groups": 4, "ffn_hidden_size": 64, "num_experts": 8, "moe_ffn_hidden_size": 16,
-    "moe_router_topk": 4, "vocab_size": 64, "seq_length": 16, "aux_loss_coeff": 0.0,
-    "init_method_std": 0.2,
-}
+TINY = {**dist_checks.TINY, "init_method_std": 0.2}
 SEQUENCES, LENGTH, PREFILL = 4, 12, 5
 PROMPT_LENGTHS, NEW_TOKENS = (3, 7, 4, 5, 6), 6
 TOP_P = Sampling(temperature=0.8, top_p=0.9, seed=7)

@@ -26,17 +26,10 @@ ALLOWED = {
     ("model.builder", "gather_cluster_state_dicts"): "host copies gathered as objects",
     ("infer.generate", "choose"): "top-p draws from per-prompt host generators",
     ("infer.generate", "generate"): "the token ids handed back to the caller",
-    ("infer.generate", "_agreed_lengths"): "prompt lengths read once per request",
     ("train.step", "Meters.read"): "the one host read per logging interval",
-    ("train.evaluation", "evaluate"): "the validation loss, once per evaluation",
-    ("train.loop", "StopSignal.agreed"): "the stop flag every rank must agree on per step",
-    ("train.checkpoint", "*"): "RNG states and host-side checkpoint metadata",
-    ("bench.latency", "timed"): "the slowest rank's seconds",
     ("bench.latency", "_prompts"): "prompts drawn from a host generator, then moved",
     ("bench.comm_run", "main"): "prompts drawn from a host generator, then moved",
-    ("bench.collectives", "*"): "gloo-only calibration of the emulated fabric",
     ("data.loader", "*"): "batches are read on the host; the step moves them",
-    ("runtime", "all_reduce_values"): "builds the tensor on device() from host numbers",
     ("bench.comm", "_split_list"): "the recorder reads all-to-all split sizes to count bytes",
 }
 

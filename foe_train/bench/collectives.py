@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from foe_train.bench.comm_model import Link, comm_seconds
+from foe_train.runtime import all_reduce_values, init_distributed, synchronize
 from foe_train.topology import consecutive_nodes, ranks_by_node
 
 # Bytes of the tensor handed to one collective (fp32), per scope: loopback collectives are
@@ -80,12 +81,13 @@ def traffic(op: str, group: list[int], rank: int, node_of: Callable[[int], int],
 def _slowest(fn: Callable[[], object], iters: int) -> float:
     """The slowest rank's seconds per call over `iters` back-to-back calls after a barrier."""
     dist.barrier()
+    synchronize()
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
+    synchronize()
+    elapsed = all_reduce_values([(time.perf_counter() - start) / iters], op=dist.ReduceOp.MAX)
+    return float(elapsed[0])
 
 
 def _interleaved_medians(calls: list[Callable[[], object]], reps: int) -> list[float]:
@@ -105,7 +107,7 @@ def _interleaved_medians(calls: list[Callable[[], object]], reps: int) -> list[f
 
 
 def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
-    dist.init_process_group("gloo")
+    here = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = world // per_node
@@ -128,7 +130,8 @@ def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
     for op, scope, groups in patterns:
         members, group = own(groups)
         for nbytes in sizes[scope]:
-            x, y = torch.ones(nbytes // 4), torch.empty(nbytes // 4)
+            x = torch.ones(nbytes // 4, device=here)
+            y = torch.empty(nbytes // 4, device=here)
             if op == "all_reduce":
                 calls.append(lambda x=x, g=group: dist.all_reduce(x, group=g))
             else:
@@ -138,8 +141,9 @@ def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
             points.append({"op": op, "scope": scope, "ranks": len(members), "size": nbytes,
                            "bytes": sent, "cross_node_bytes": cross})
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    big, copy = torch.ones(1 << 23), torch.empty(1 << 23)  # 32 MiB each
+    a, b = (torch.randn(n, n, device=here) for _ in range(2))
+    big = torch.ones(1 << 23, device=here)  # 32 MiB
+    copy = torch.empty(1 << 23, device=here)
     *seconds, matmul, memcpy = _interleaved_medians(
         [*calls, lambda: torch.mm(a, b), lambda: copy.copy_(big)], reps)
     if rank == 0:

@@ -57,7 +57,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _layout(job: Job) -> dict[str, Any]:
     t = job.topo
     return {"kind": t.kind, "data": t.data, "clusters": t.clusters,
-            "ranks_per_cluster": t.ranks_per_cluster, "world_size": t.world_size}
+            "ranks_per_cluster": t.ranks_per_cluster, "world_size": t.world_size,
+            "engine": job.cfg.training.engine}
 
 
 def _state(job: Job, loading: bool) -> dict[str, Any]:
@@ -65,11 +66,7 @@ def _state(job: Job, loading: bool) -> dict[str, Any]:
     world, rank = job.topo.world_size, job.topo.rank
     return {
         "model": model,
-        # no chained_N prefixes: whether experts form their own optimizer depends on the
-        # topology (megatron treats experts as dense at EP = 1), the saved keys must not
-        "optimizer": job.optimizer.sharded_state_dict(
-            model, is_loading=loading, metadata={"chained_optim_avoid_prefix": True}
-        ),
+        "optimizer": job.engine.optimizer_state(model, loading),
         "rng": ShardedObject(f"rng_world{world}", _rng_state(), (world,), (rank,),
                              replica_id=0),
     }
@@ -115,8 +112,15 @@ def save(job: Job, step: int, wall_time_s: float = 0.0) -> Path:
 
 def check_compatible(saved: dict[str, Any], cfg: RecipeConfig, path: Path) -> None:
     """Refuse (one line) a checkpoint this recipe cannot continue: another model kind, FoE
-    cluster count or model shape; parallel.data and parallel.ranks_per_cluster may differ."""
+    cluster count or model shape; parallel.data and parallel.ranks_per_cluster may differ
+    (not for DeepSpeed: its ZeRO partitions load only at the layout that saved them)."""
     layout = saved["layout"]
+    engine = layout.get("engine", "megatron")
+    if engine != cfg.training.engine:
+        raise ConfigError(
+            f"training.engine: checkpoint {path} was saved by the {engine} engine but this run "
+            f"uses {cfg.training.engine}; resume with training.engine={engine}"
+        )
     now = {"kind": cfg.model.kind,
            "clusters": cfg.parallel.clusters if cfg.model.kind == "foe" else layout["clusters"]}
     for key in ("kind", "clusters"):
@@ -174,6 +178,11 @@ def resume(job: Job, path: Path) -> tuple[int, float]:
     ``preflight.prepare_run_dir``) on every rank; returns the step to continue from and the
     training wall time already spent."""
     common = dist_checkpointing.load_common_state_dict(str(path))
+    if job.cfg.training.engine == "deepspeed" and common["layout"] != _layout(job):
+        raise ConfigError(
+            f"parallel: checkpoint {path} holds DeepSpeed ZeRO partitions of layout "
+            f"{common['layout']}, this run has {_layout(job)}; resume at the saved layout"
+        )
     state = _state(job, loading=True)
     if common["layout"]["world_size"] != job.topo.world_size:
         del state["rng"]
@@ -183,7 +192,7 @@ def resume(job: Job, path: Path) -> tuple[int, float]:
     with torch.no_grad():
         for key, value in loaded["model"].items():
             params[key].copy_(value)
-    job.optimizer.load_state_dict(loaded["optimizer"])
+    job.engine.load_optimizer_state(loaded["optimizer"])
     job.scheduler.load_state_dict(common["scheduler"])
     if "rng" in loaded:
         _set_rng_state(loaded["rng"])

@@ -91,7 +91,7 @@ def run(
             metrics = meters.read()
             metrics.update(
                 tokens=step * tokens_per_step,
-                lr=job.scheduler.get_lr(job.optimizer.param_groups[0]),
+                lr=job.scheduler.get_lr(job.engine.optimizer.param_groups[0]),
                 tflops_per_rank=numbers["flops_per_token"] * metrics["tokens_per_s"]
                 / topo.world_size / 1e12,
             )

@@ -33,6 +33,11 @@ def preflight(cfg: RecipeConfig, world_size: int, nodes: int = 1) -> None:
             f"token shards x training.micro_batch_size={t.micro_batch_size}; use a multiple of "
             f"{shards * t.micro_batch_size}"
         )
+    if t.engine == "deepspeed":
+        from foe_train.train.deepspeed_engine import deepspeed_config
+        from foe_train.train.job import training_dtype
+
+        deepspeed_config(cfg, shards, training_dtype(cfg) == torch.bfloat16)
 
 
 # What a run writes into its run directory; any of them means another run's results are there.

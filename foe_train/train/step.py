@@ -1,4 +1,4 @@
-"""One training step (gradient accumulation over micro-batches, megatron's optimizer) and the
+"""One training step (gradient accumulation over micro-batches, the job's engine) and the
 metrics of the steps, kept on the device until the logging interval reads them: no host
 synchronisation per micro-batch or per step, one all-reduce per logged row."""
 
@@ -38,19 +38,18 @@ class StepResult:
 
 
 def train_step(job: Job, step: int) -> StepResult:
-    job.ddp.zero_grad_buffer()
-    job.optimizer.zero_grad()
+    engine = job.engine
+    engine.zero_grad()
     micro = job.train.micro_batches(step)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro), device=device()))
     total = torch.zeros((), device=device())
     for tokens in micro:
-        loss = micro_loss(job.ddp, tokens) / len(micro)
-        loss.backward()
+        loss = micro_loss(engine.module, tokens) / len(micro)
+        engine.backward(loss)
         total += loss.detach()
-    job.ddp.finish_grad_sync()
-    ok, grad_norm, _ = job.optimizer.step()
+    ok, grad_norm = engine.update()
     job.scheduler.step(increment=1)
-    return StepResult(total, float(grad_norm or 0.0), not ok)
+    return StepResult(total, grad_norm, not ok)
 
 
 class ExpertLoad:
