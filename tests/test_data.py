@@ -21,7 +21,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
 from foe_train.config import ConfigError, DataConfig, ModelConfig, TrainingConfig  # noqa: E402
 from foe_train.data import prepare  # noqa: E402
-from foe_train.data.loader import ShardedBatches, build_datasets, unigram_entropy  # noqa: E402
+from foe_train.data.loader import ShardedBatches, build_datasets  # noqa: E402
 from foe_train.data.prepare import (  # noqa: E402
     default_corpus,
     main,
@@ -29,6 +29,7 @@ from foe_train.data.prepare import (  # noqa: E402
     write_indexed_dataset,
 )
 from foe_train.data.tokenizers import EOD_TOKEN, build_tokenizer, train_bpe  # noqa: E402
+from tests.corpus_stats import unigram_entropy  # noqa: E402
 
 BYTE = build_tokenizer("byte")
 MODEL = ModelConfig(vocab_size=257, seq_length=32)

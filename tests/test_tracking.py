@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from foe_train.config import LoggingConfig, WandbConfig
-from foe_train.train.tracking import Tracker, _records, read_offline_run
+from foe_train.train.tracking import Tracker
+from tests.wandb_reader import read_offline_run, records
 
 LOSSES = [1 / 3, 2.718281828459045, 0.1 + 0.2, 1e-7 / 3, 4.0]
 CONFIG = {"model": {"hidden_size": 64}, "training": {"lr": 3e-3}}
@@ -54,8 +55,8 @@ def _run_record(run_dir: Path):
     from wandb.proto import wandb_internal_pb2
 
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    records = map(wandb_internal_pb2.Record.FromString, _records(path))
-    return next(r.run for r in records if r.HasField("run"))
+    parsed = map(wandb_internal_pb2.Record.FromString, records(path))
+    return next(r.run for r in parsed if r.HasField("run"))
 
 
 def _logging(mode: str, **kw) -> LoggingConfig:

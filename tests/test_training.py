@@ -18,10 +18,11 @@ from megatron.core import dist_checkpointing
 from foe_train.checkpoint import complete_checkpoints, damage
 from foe_train.cli import train_main
 from foe_train.config import load_config
-from foe_train.data.loader import build_datasets, unigram_entropy
+from foe_train.data.loader import build_datasets
 from foe_train.data.tokenizers import build_tokenizer
-from foe_train.train.tracking import read_offline_run
 from launch.torchrun import torchrun_commands
+from tests.corpus_stats import unigram_entropy
+from tests.wandb_reader import read_offline_run
 
 TINY = str(Path(__file__).parent / "recipes" / "tiny.yaml")
 FOE_TRAIN = shutil.which("foe-train")

@@ -5,13 +5,11 @@ the batch of step s is a pure function of (dataset, s), so a checkpoint only sto
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import warnings
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -177,18 +175,3 @@ class ShardedBatches:
         rows = [_sample(self.dataset, (start + j) % n) for j in range(self.shard_size)]
         m = self.micro_batch_size
         return [torch.stack(rows[i: i + m]) for i in range(0, self.shard_size, m)]
-
-
-def unigram_entropy(dataset, max_samples: int) -> float:
-    """Entropy (nats/token) of the token frequencies over the first max_samples samples: the
-    loss of the best context-free predictor, so a model that learned anything beats it."""
-    counts: np.ndarray = np.zeros(0, dtype=np.int64)
-    for i in range(min(max_samples, len(dataset))):
-        c = np.bincount(_sample(dataset, i).numpy())
-        if c.size > counts.size:
-            c[: counts.size] += counts
-            counts = c
-        else:
-            counts[: c.size] += c
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum()) if p.size else math.nan
