@@ -20,6 +20,7 @@ setup(
         "wandb",
         "tqdm",
         "psutil",
+        "matplotlib",
         "deepspeed==0.19.8",  # its ZeRO internals are used: docs/deepspeed.md
     ],
     extras_require={
@@ -35,6 +36,8 @@ setup(
             "foe-launch=launch.cli:main",
             "foe-generate=foe_train.infer.generate:main",
             "foe-prepare-data=foe_train.data.prepare:main",
+            "foe-eval=foe_train.evaluate.run:main",
+            "foe-study=foe_train.study:main",
         ]
     },
 )

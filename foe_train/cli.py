@@ -242,28 +242,27 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def compare_main(argv: list[str] | None = None) -> None:
-    """foe-compare RUN_DIR [RUN_DIR ...]: the runs' summaries side by side."""
-    import json
+    """foe-compare RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline NAME] [--bench JSON ...]:
+    the runs' summaries side by side; with --out the whole comparison report (report.md,
+    report.json, PNG plots; foe_train/report.py)."""
+    from foe_train.report import side_by_side, write_report
 
-    ap = _OneLineParser(prog="foe-compare", description="final numbers of finished runs")
+    ap = _OneLineParser(prog="foe-compare", description="compare finished runs")
     ap.add_argument("run_dirs", nargs="+")
+    ap.add_argument("--out", help="write report.md, report.json and PNG plots here")
+    ap.add_argument("--baseline", help="member (logging.name) the gaps are taken against "
+                                       "(default: the one MoE member)")
+    ap.add_argument("--bench", nargs="+", default=[], metavar="JSON",
+                    help="foe-bench latency reports (--out files) to add latency ratios from")
     args = ap.parse_args(argv)
-    summaries = []
-    for run_dir in args.run_dirs:
-        path = Path(run_dir) / "summary.json"
-        if not path.is_file():
-            _fail(f"{run_dir}: no summary.json; has the run finished?")
-        summaries.append(json.loads(path.read_text()))
-    rows = ["kind", "final_val_loss", "final_train_loss", "steps", "tokens", "params",
-            "active_params_per_token", "wall_time_s"]
-
-    def cell(value: object) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    width = max(len(r) for r in rows)
-    print(" " * width + "".join(f"  {Path(d).name:>18}" for d in args.run_dirs))
-    for row in rows:
-        print(f"{row:<{width}}" + "".join(f"  {cell(s.get(row)):>18}" for s in summaries))
+    try:
+        print(side_by_side(args.run_dirs))
+        if args.out:
+            write_report([Path(d) for d in args.run_dirs], Path(args.out), args.baseline,
+                         args.bench)
+            print(f"foe-compare: report {Path(args.out) / 'report.md'}")
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 def budget_main(argv: list[str] | None = None) -> None:

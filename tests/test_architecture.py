@@ -18,8 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoint", ("foe_train.checkpoint",)),
     ("train/infer", ("foe_train.train", "foe_train.infer")),
     ("bench/eval", ("foe_train.bench", "foe_train.evaluate", "foe_train.report",
-                    "foe_train.study", "launch.cluster", "launch.slurm")),
-    ("entry", ("foe_train.cli", "launch.cli")),
+                    "launch.cluster", "launch.slurm")),
+    ("entry", ("foe_train.cli", "foe_train.study", "launch.cli")),
 ]
 # packages of one layer that must not import each other (both build on the layers below)
 SIBLINGS = ("foe_train.train", "foe_train.infer")

@@ -29,7 +29,6 @@ ALLOWED = {
     ("train.step", "Meters.read"): "the one host read per logging interval",
     ("bench.latency", "_prompts"): "prompts drawn from a host generator, then moved",
     ("bench.comm_run", "main"): "prompts drawn from a host generator, then moved",
-    ("data.loader", "*"): "batches are read on the host; the step moves them",
     ("bench.comm", "_split_list"): "the recorder reads all-to-all split sizes to count bytes",
 }
 

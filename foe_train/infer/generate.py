@@ -293,6 +293,19 @@ def _worker(args: argparse.Namespace, cfg: RecipeConfig, path: Path | None) -> N
     dist.destroy_process_group()
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (else a command that starts them)."""
+    return "LOCAL_RANK" in os.environ
+
+
+def world_size(cfg: RecipeConfig, nproc: int | None) -> int:
+    """The processes an inference command runs on: torchrun's world in a worker, else
+    ``--nproc`` or the recipe's layout; the layout is checked (on one node) either way."""
+    n = int(os.environ["WORLD_SIZE"]) if under_torchrun() else nproc or cfg.parallel.world_size
+    check_layout(cfg.model, cfg.parallel, n, consecutive_nodes(n, 1))
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     """foe-generate --checkpoint DIR | --config RECIPE --prompt TEXT [--prompt TEXT ...]
     [--max-new-tokens N] [--top-p P] [--temperature T] [--seed S] [--nproc N] [key=value ...]
@@ -309,13 +322,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         if any(not p for p in args.prompt):
             raise ConfigError("--prompt: empty prompt; give at least one character")
-        under_torchrun = "LOCAL_RANK" in os.environ
-        nproc = int(os.environ["WORLD_SIZE"]) if under_torchrun else \
-            args.nproc or cfg.parallel.world_size
-        check_layout(cfg.model, cfg.parallel, nproc, consecutive_nodes(nproc, 1))
+        nproc = world_size(cfg, args.nproc)
     except ConfigError as exc:
         _fail(str(exc))
-    if under_torchrun:
+    if under_torchrun():
         if os.environ.get("RANK") == "0":
             weights = f"checkpoint {path}" if path else f"random weights ({args.config})"
             print(f"foe-generate: {weights}, {nproc} processes, {len(args.prompt)} prompt(s)",
