@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from foe_train.checkpoint import complete_checkpoints
-from foe_train.cli import train_main
 from foe_train.config import ConfigError, load_config
 from foe_train.train.deepspeed_engine import deepspeed_config
+from tests.test_training import refused
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "tests" / "recipes" / "tiny.yaml")
@@ -138,16 +138,6 @@ def test_resume_after_sigkill_repeats_the_loss_sequence(compared, killed, capsys
     err = refused(capsys, "--config", TINY, "--nproc", "4", f"logging.run_dir={killed}",
                   "--resume", "auto")
     assert "training.engine: checkpoint " in err and "training.engine=deepspeed" in err
-
-
-def refused(capsys: pytest.CaptureFixture, *args: str) -> str:
-    """foe-train refusing in this process, before it starts torchrun: exit 2, one line."""
-    with pytest.raises(SystemExit) as info:
-        train_main(list(args))
-    out, err = capsys.readouterr()
-    assert info.value.code == 2 and out == "", out[-2000:] + err[-2000:]
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize("json_text, says", [
