@@ -34,9 +34,11 @@ from foe_train.config import ConfigError, RecipeConfig
 from foe_train.data.tokenizers import Tokenizer, build_tokenizer
 from foe_train.evaluate import longbench, tasks
 from foe_train.infer.generate import (
+    as_flags,
     generate,
     inference_config,
     inference_dtype,
+    start_workers,
     under_torchrun,
     world_size,
 )
@@ -223,13 +225,9 @@ def _merged(out: Path, path: Path, results: dict[str, Any], cfg: RecipeConfig,
 
 
 def _worker_argv(args: argparse.Namespace) -> list[str]:
-    """The arguments again as --flag=value (torchrun scans them too, see foe-generate)."""
-    out = []
-    for name in ("checkpoint", "tasks", "lengths", "depths", "samples", "longbench_dir",
-                 "limit", "batch", "out"):
-        if getattr(args, name) is not None:
-            out.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
-    return out + (["--json"] if args.json else []) + args.overrides
+    flags = ("checkpoint", "tasks", "lengths", "depths", "samples", "longbench_dir", "limit",
+             "batch", "out")
+    return as_flags(args, flags) + (["--json"] if args.json else []) + args.overrides
 
 
 def check(args: argparse.Namespace, cfg: RecipeConfig) -> None:
@@ -261,10 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     if under_torchrun():
         _worker(args, cfg, path)
         return
-    from launch.torchrun import run_local
-
-    print(f"foe-eval: {path}, {nproc} processes, tasks {args.tasks}", file=sys.stderr, flush=True)
-    sys.exit(run_local("foe_train.evaluate.run", _worker_argv(args), nproc))
+    start_workers("foe_train.evaluate.run", _worker_argv(args), nproc,
+                  f"foe-eval: {path}, {nproc} processes, tasks {args.tasks}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -249,15 +250,25 @@ def _sampling(args: argparse.Namespace, cfg: RecipeConfig) -> Sampling:
     return Sampling(temperature, 1.0 if args.top_p is None else args.top_p, seed)
 
 
+def as_flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The options given, again as --flag=value, so that torchrun's own parser, which scans
+    them too, never takes one for an abbreviation of its options (--nproc would be
+    ambiguous); the world size is torchrun's."""
+    return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names
+            if getattr(args, name) is not None]
+
+
+def start_workers(module: str, argv: list[str], nproc: int, banner: str) -> NoReturn:
+    """Start ``nproc`` torchrun workers of an inference command's module on this machine."""
+    from launch.torchrun import run_local
+
+    print(banner, file=sys.stderr, flush=True)
+    sys.exit(run_local(module, argv, nproc))
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
-    """The arguments again, as --flag=value so that torchrun's own parser, which scans them
-    too, never takes one for an abbreviation of its options (--nproc would be ambiguous);
-    the world size is torchrun's."""
-    out = [f"--prompt={p}" for p in args.prompt]
-    for name in ("checkpoint", "config", "max_new_tokens", "top_p", "temperature", "seed"):
-        if getattr(args, name) is not None:
-            out.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
-    return out + args.overrides
+    flags = ("checkpoint", "config", "max_new_tokens", "top_p", "temperature", "seed")
+    return [f"--prompt={p}" for p in args.prompt] + as_flags(args, flags) + args.overrides
 
 
 def _fail(msg: str) -> None:
@@ -332,10 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr, flush=True)
         _worker(args, cfg, path)
         return
-    from launch.torchrun import run_local
-
-    print(f"foe-generate: starting {nproc} processes", file=sys.stderr, flush=True)
-    sys.exit(run_local("foe_train.infer.generate", _worker_argv(args), nproc))
+    start_workers("foe_train.infer.generate", _worker_argv(args), nproc,
+                  f"foe-generate: starting {nproc} processes")
 
 
 if __name__ == "__main__":
