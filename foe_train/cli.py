@@ -26,7 +26,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def bench_main(argv: list[str] | None = None) -> None:
     """foe-bench comm --config PATH --nproc N [--nodes M] [--backward] [key=value ...]
-    foe-bench latency --pair A.yaml B.yaml --nproc N [--nodes M] [--link-rate RATE] ...
+    foe-bench latency --pair A.yaml B.yaml | --checkpoints RUN_A RUN_B --nproc N [--nodes M]
+                      [--link-rate RATE] ...
     foe-bench train --pair FOE.yaml MOE.yaml --nproc N [--nodes M] [--steps S] ...
     foe-bench project --pair A.yaml B.yaml --cluster HW.yaml --nodes 1 4 ... (see --help)"""
     argv = sys.argv[1:] if argv is None else argv
@@ -49,7 +50,12 @@ def bench_main(argv: list[str] | None = None) -> None:
                       help="also count this MoE recipe and compare cross-node bytes per token")
     comm.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     lat = sub.add_parser("latency", help="forward latency, TTFT, TBT of a recipe pair")
-    lat.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
+    weights = lat.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--pair", nargs=2, metavar=("A.yaml", "B.yaml"),
+                         help="recipes, random weights")
+    weights.add_argument("--checkpoints", nargs=2, metavar=("RUN_A", "RUN_B"),
+                         help="foe-train runs (or iter_N directories): trained weights and "
+                              "their own recipes; overrides may change only parallel.*")
     lat.add_argument("--nproc", type=int, required=True)
     lat.add_argument("--nodes", type=int, default=1)
     lat.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
@@ -125,21 +131,24 @@ def _comm(args: argparse.Namespace, cfg: RecipeConfig) -> int:
 
 
 def _latency(args: argparse.Namespace) -> None:
+    from foe_train.bench.latency import member_config
     from foe_train.topology import check_layout, consecutive_nodes
 
     try:
         if args.nodes < 1 or args.nproc % args.nodes:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
         node_of_rank = consecutive_nodes(args.nproc, args.nodes)
-        for path in args.pair:
-            cfg = load_config(path, args.overrides)
+        trained = args.checkpoints is not None
+        for path in args.checkpoints or args.pair:
+            cfg, _ = member_config(path, args.overrides, trained)
             check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
             if max(args.prompt_len) + args.gen_len > cfg.model.seq_length:
                 raise ConfigError(f"--prompt-len + --gen-len exceed model.seq_length="
                                   f"{cfg.model.seq_length} of {path}; shorten them")
     except ConfigError as exc:
         _fail(str(exc))
-    worker = ["--pair", *args.pair, "--batch", *map(str, args.batch), "--prompt-len",
+    source = ["--checkpoints", *args.checkpoints] if trained else ["--pair", *args.pair]
+    worker = [*source, "--batch", *map(str, args.batch), "--prompt-len",
               *map(str, args.prompt_len), "--gen-len", str(args.gen_len), "--reps",
               str(args.reps)]
     worker += ["--json"] if args.json else []

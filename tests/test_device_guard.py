@@ -28,6 +28,8 @@ ALLOWED = {
     ("infer.generate", "generate"): "the token ids handed back to the caller",
     ("train.step", "Meters.read"): "the one host read per logging interval",
     ("bench.latency", "_prompts"): "prompts drawn from a host generator, then moved",
+    ("bench.latency", "expert_imbalance"): "one read of the routed counts per report row, "
+                                           "after the timed requests",
     ("bench.comm_run", "main"): "prompts drawn from a host generator, then moved",
     ("bench.comm", "_split_list"): "the recorder reads all-to-all split sizes to count bytes",
 }

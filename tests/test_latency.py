@@ -1,5 +1,6 @@
 """foe-bench latency end to end: the table/JSON for a recipe pair on one node and on two
-emulated nodes with a capped link (then nothing of the emulation is left)."""
+emulated nodes with a capped link (then nothing of the emulation is left), from random weights
+and from foe-train checkpoints, with the expert imbalance each prefill met."""
 
 import json
 import os
@@ -13,25 +14,42 @@ from launch.netns import leftover_namespaces
 
 PAIR = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
+ROWS = [(4, 16), (8, 16), (4, 24), (8, 24)]
+# copies per token: quickstart k = 2 of 8 experts; FoE: 2 clusters, each k_c = 1
+TOPK = {"moe": 2, "foe": 2}
 
 
-def latency(tmp_path, *extra: str) -> dict:
+def latency(tmp_path, *extra: str, source: tuple[str, ...] = ("--pair", *PAIR),
+            batch: tuple[str, ...] = ("4", "8"), prompt: tuple[str, ...] = ("16", "24"),
+            small: list[str] = SMALL) -> dict:
     out = tmp_path / "lat.json"
-    cmd = [sys.executable, "-m", "foe_train.cli", "latency", "--pair", *PAIR, "--nproc", "4",
-           "--batch", "4", "8", "--prompt-len", "16", "24", "--gen-len", "3", "--reps", "1",
-           "--json", "--out", str(out), *extra, *SMALL]
+    cmd = [sys.executable, "-m", "foe_train.cli", "latency", *source, "--nproc", "4",
+           "--batch", *batch, "--prompt-len", *prompt, "--gen-len", "3", "--reps", "1",
+           "--json", "--out", str(out), *extra, *small]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def check_rows(report: dict) -> None:
-    rows = report["rows"]
-    assert [(r["batch"], r["prompt_len"]) for r in rows] == [(4, 16), (8, 16), (4, 24), (8, 24)]
-    for r in rows:
+def check_imbalance(row: dict, kind: str, topk: int, layers: int = 2) -> None:
+    """Every copy the routers sent is received by exactly one rank, once per MoE layer."""
+    load = row[kind]["imbalance"]
+    assert len(load["copies"]) == layers and len(load["per_layer"]) == layers
+    for copies, ratio in zip(load["copies"], load["per_layer"], strict=True):
+        assert len(copies) == 4
+        assert sum(copies) == row["batch"] * row["prompt_len"] * topk
+        assert ratio == max(copies) / (sum(copies) / 4) >= 1
+    assert load["max_over_mean"] == sum(load["per_layer"]) / layers
+
+
+def check_rows(report: dict, rows: list[tuple[int, int]] = ROWS,
+               topk: dict[str, int] = TOPK) -> None:
+    assert [(r["batch"], r["prompt_len"]) for r in report["rows"]] == rows
+    for r in report["rows"]:
         for kind in ("foe", "moe"):
             for metric in ("forward", "ttft", "tbt", "tokens_per_s"):
                 assert r[kind][metric]["median"] > 0 and r[kind][metric]["p90"] > 0
+            check_imbalance(r, kind, topk[kind])
         assert set(r["ratio"]) == {"forward", "ttft", "tbt"} and min(r["ratio"].values()) > 0
         assert any(k.startswith("all_to_all@ep") for k in r["moe"]["comm"])
         assert all(not k.startswith("all_to_all@") or k == "all_to_all@cluster_ep"
@@ -41,7 +59,38 @@ def check_rows(report: dict) -> None:
 def test_latency_one_node(tmp_path):
     report = latency(tmp_path)
     assert report["nodes"] == 1 and report["world_size"] == 4
+    assert report["members"]["foe"] == {
+        "weights": "random", "parallel": {"data": 1, "clusters": 2, "ranks_per_cluster": 2,
+                                          "expert_parallel": None}}
     check_rows(report)
+
+
+def test_latency_from_checkpoints_one_rank_per_cluster_is_balanced(tmp_path):
+    """Trained weights of both members; an FoE cluster on one rank can only route to that
+    rank's experts, so every rank receives the same load, while the trained baseline's
+    routers do not spread evenly."""
+    runs = {}
+    for kind, layout in (("moe", []), ("foe", ["parallel.clusters=4",
+                                               "parallel.ranks_per_cluster=1",
+                                               "model.moe_router_topk=4"])):
+        runs[kind] = tmp_path / kind
+        train = subprocess.run(
+            [shutil.which("foe-train"), "--config",
+             f"configs/quickstart/{kind}.yaml", "--nproc", "4", *SMALL, *layout,
+             "training.train_iters=3", "training.warmup_iters=1", "training.eval_iters=1",
+             "training.micro_batch_size=1", "training.global_batch_size=4",
+             f"logging.run_dir={runs[kind]}"],
+            capture_output=True, text=True, timeout=600)
+        assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    report = latency(tmp_path, source=("--checkpoints", str(runs["foe"]), str(runs["moe"])),
+                     batch=("4",), prompt=("16",), small=[])
+    for kind in ("foe", "moe"):
+        assert report["members"][kind]["weights"] == str(runs[kind] / "checkpoints/iter_0000003")
+    assert report["members"]["foe"]["parallel"]["clusters"] == 4
+    check_rows(report, [(4, 16)], {"moe": 2, "foe": 4})  # FoE: 4 clusters x k_c = 1
+    row = report["rows"][0]
+    assert row["foe"]["imbalance"]["max_over_mean"] == 1.0
+    assert row["moe"]["imbalance"]["max_over_mean"] > 1.0
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

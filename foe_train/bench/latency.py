@@ -5,6 +5,14 @@ and bytes each collective kind takes during a prefill.
 Every timed region starts after a barrier and ends when the slowest rank is done (its time is
 the max over ranks). Each FoE token shard serves batch/shards of the prompts; the baseline
 splits the same batch over all ranks.
+
+Weights are random (``--pair``: the recipes) or trained (``--checkpoints``: foe-train runs, each
+with its own recipe), so the routers route as they would in service. Each row reports the
+expert imbalance of that prefill per member: the token copies each rank's experts received, and
+max/mean over the job's ranks per MoE layer, averaged over layers. An expert-parallel
+all-to-all and the experts after it wait for the most loaded rank of their group: the
+baseline's group is the whole job, an FoE cluster's only its own L ranks, and with L = 1 a
+cluster's router can only pick its own rank's experts, so every rank gets the same load.
 """
 
 from __future__ import annotations
@@ -13,17 +21,19 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from foe_train import checkpoint
 from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.config import ConfigError, RecipeConfig, load_config
-from foe_train.infer.generate import decode_step, new_context, prefill
+from foe_train.infer.generate import decode_step, inference_config, new_context, prefill
 from foe_train.model.builder import build_model
 from foe_train.model.head import greedy
 from foe_train.runtime import all_reduce_values, device, init_distributed, synchronize
@@ -36,6 +46,7 @@ class Member:
     cfg: RecipeConfig
     topo: Topology
     model: torch.nn.Module
+    weights: str
     samples: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -78,13 +89,58 @@ def one_request(member: Member, tokens: torch.Tensor, gen_len: int) -> dict[str,
             "tokens_per_s": [tokens.shape[0] * member.topo.token_shards * gen_len / total]}
 
 
-def comm_profile(member: Member, tokens: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Seconds, bytes and calls per collective kind during one prefill (mean over ranks)."""
+@contextmanager
+def routed_counts(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Per MoE layer (in call order), the token copies this rank's router sent to each expert
+    of its expert-parallel group during the block."""
+    counts: list[torch.Tensor] = []
+
+    def record(module: torch.nn.Module, inputs: object, output: tuple) -> None:
+        counts.append(output[1].detach().sum(0).float())
+
+    hooks = [module.register_forward_hook(record) for name, module in model.named_modules()
+             if name.endswith("mlp.router")]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def expert_imbalance(topo: Topology, counts: list[torch.Tensor]) -> dict[str, Any]:
+    """Copies received per rank and layer (every rank's routers summed over its EP group, the
+    rank's own block of experts) and max/mean over ranks per layer, averaged over layers
+    (1.0: balanced; the module docstring says why the baseline's spread is job-wide)."""
+    if not counts:
+        return {"max_over_mean": 1.0, "per_layer": [], "copies": []}
+    world = topo.world_size
+    mine = torch.stack(counts)  # [layers, experts of the EP group]
+    every = torch.empty(world * mine.numel(), device=mine.device)
+    dist.all_gather_into_tensor(every, mine.reshape(-1))
+    every = every.view(world, *mine.shape)
+    grid, ep = topo.grid, "cluster_ep" if topo.kind == "foe" else "ep"
+    received = []
+    for rank in range(world):
+        members = grid.group(ep, rank)
+        width = mine.shape[1] // len(members)
+        at = members.index(rank) * width
+        received.append(every[members, :, at:at + width].sum(dim=(0, 2)))
+    copies = torch.stack(received, dim=1).tolist()  # [layers][ranks]; read once, untimed
+    per_layer = [max(layer) / max(sum(layer) / world, 1e-9) for layer in copies]
+    return {"max_over_mean": sum(per_layer) / len(per_layer), "per_layer": per_layer,
+            "copies": copies}
+
+
+def prefill_profile(member: Member, tokens: torch.Tensor) -> dict[str, Any]:
+    """One untimed prefill: seconds, bytes and calls per collective kind (mean over ranks)
+    and the expert imbalance it met."""
     context = new_context(tokens.shape[0], tokens.shape[1])
     topo = member.topo
-    with CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec:
+    with (CommRecorder(group_kinds=topo.group_kinds(), node_of_rank=topo.node_of_rank) as rec,
+          routed_counts(member.model) as counts):
         prefill(member.model, context, tokens)
-    return mean_over_ranks(gather_summaries(rec, by="op_kind"))
+    return {"comm": mean_over_ranks(gather_summaries(rec, by="op_kind")),
+            "imbalance": expert_imbalance(topo, counts)}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -106,7 +162,7 @@ def measure(members: list[Member], batch: int, prompt_len: int, gen_len: int, re
     row: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
     for m in members:
         row[m.name] = {key: _stats(values) for key, values in samples[m.name].items()}
-        row[m.name]["comm"] = comm_profile(m, prompts[m.name])
+        row[m.name].update(prefill_profile(m, prompts[m.name]))
     a, b = (m.name for m in members)
     row["ratio"] = {key: row[b][key]["median"] / row[a][key]["median"]
                     for key in ("forward", "ttft", "tbt")}
@@ -125,13 +181,33 @@ def format_table(rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
         for name in names:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['bytes'] / 1e6:.2f}MB"
                              for k, v in row[name]["comm"].items())
-            lines.append(f"{'':>13}comm {name}: {comm or 'none'}")
+            lines.append(f"{'':>13}comm {name}: {comm or 'none'}; expert load max/mean "
+                         f"{row[name]['imbalance']['max_over_mean']:.2f}")
     return "\n".join(lines)
+
+
+def member_config(path: str, overrides: list[str], trained: bool) -> tuple[RecipeConfig, Any]:
+    """A member's recipe and weights: a recipe file (random weights) or a foe-train run's
+    newest checkpoint with its own recipe (overrides may change only its layout)."""
+    if trained:
+        return inference_config(path, None, overrides)
+    return load_config(path, overrides), None
+
+
+def build_member(path: str, overrides: list[str], dtype: torch.dtype, trained: bool) -> Member:
+    cfg, weights = member_config(path, overrides, trained)
+    topo = build_topology(cfg.model, cfg.parallel)
+    model = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype)
+    if weights is not None:
+        checkpoint.load_weights(model, cfg.model, topo, weights)
+    return Member(cfg.model.kind, cfg, topo, model.eval(), str(weights or "random"))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="foe-bench latency (worker)")
-    ap.add_argument("--pair", nargs=2, required=True)
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pair", nargs=2)
+    source.add_argument("--checkpoints", nargs=2)
     ap.add_argument("--batch", nargs="+", type=int, required=True)
     ap.add_argument("--prompt-len", nargs="+", type=int, required=True)
     ap.add_argument("--gen-len", type=int, default=8)
@@ -143,19 +219,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     here = init_distributed()
     dtype = torch.bfloat16 if here.type == "cuda" else torch.float32
-    members = []
-    for path in args.pair:
-        cfg = load_config(path, args.overrides)
-        topo = build_topology(cfg.model, cfg.parallel)
-        model = build_model(cfg.model, topo, seed=cfg.seed, dtype=dtype).eval()
-        members.append(Member(cfg.model.kind, cfg, topo, model))
+    members = [build_member(path, args.overrides, dtype, trained=args.checkpoints is not None)
+               for path in args.checkpoints or args.pair]
     if members[0].name == members[1].name:
         members[1].name += "-b"
     rows = [measure(members, batch, prompt_len, args.gen_len, args.reps, args.warmup)
             for prompt_len in args.prompt_len for batch in args.batch]
     if dist.get_rank() == 0:
         report = {"rows": rows, "nodes": len(set(members[0].topo.node_of_rank)),
-                  "world_size": dist.get_world_size()}
+                  "world_size": dist.get_world_size(),
+                  "members": {m.name: {"weights": m.weights,
+                                       "parallel": m.cfg.parallel.model_dump()}
+                              for m in members}}
         emit(report, format_table(rows, (members[0].name, members[1].name)), args.json,
              args.out)
     dist.destroy_process_group()
