@@ -49,42 +49,57 @@ def test_roofline_and_alpha_beta_by_hand():
     foe = project_member(tiny("foe"), TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2)
     assert foe["layout"] == {"data": 1, "clusters": 2, "ranks_per_cluster": 1,
                              "token_shards": 1, "seqs_per_rank": 1}
-    # forward, per rank: attention slice (1 q head, 1 kv head) 8*3*4 + 4*8 = 128 weights:
-    #   FLOPs 2*4*128 + 4*d_h*1*(4*5/2 pairs) = 1184 -> 1.184 s; bytes 128 -> 1.28 s => 1.28
-    # router E/C=2: FLOPs 2*4*2*8 = 128 -> 0.128 s; bytes 16 -> 0.16 s => 0.16
+    # forward, per rank (1 byte per element, so elements = bytes):
+    # attention slice (h=1 q head, g=1 kv head) 8*3*4 + 4*8 = 128 weights:
+    #   FLOPs 2*4*128 + 4*d_h*1*(4*5/2 pairs) = 1184 -> 1.184 s; activations per token
+    #   2d + (6h + 4g)*d_h = 16 + 40 = 56 (QKV in/out, RoPE, Q read, context out/in, output)
+    #   plus the K/V of 4 keys read, 2*4*4 = 32: 128 + 4*56 + 32 = 384 -> 3.84 s => 3.84
+    # router E/C=2: FLOPs 2*4*2*8 = 128 -> 0.128 s; 16 weights + 4*(d + 4*2) = 80 -> 0.8 s
     # experts k_c=1, 2 local of 3*4*8 = 96 weights: 4 copies, FLOPs 768 -> 0.768 s;
-    #   bytes min(2, 4)*96 = 192 -> 1.92 s => 1.92
+    #   min(2, 4)*96 = 192 weights + 4 copies * 2*(8 + 3*4) = 160 -> 3.52 s => 3.52
     # output: the cluster's half of the vocabulary, 8*8 = 64 weights: FLOPs 2*4*64 = 512 ->
-    # 0.512 s; bytes 0.64 s => 0.64
+    #   0.512 s; 64 + 4*(8 + 8) = 128 -> 1.28 s => 1.28
+    # elementwise (post_attention, 1 layer): 2 norms 4d, h + sum 3d, the final fold 3d, 2
+    #   federated sums 2d each, embedding and final norm 4d: 18d = 144 per token -> 5.76 s
+    # dispatch (alltoall, P=1, 2 local experts): permute 2*4 copies, unpermute 4 + 4, sort and
+    #   unsort 4*4: 32 rows of 8 -> 2.56 s
     breakdown = foe["breakdown"]["forward"]
     assert breakdown["compute"] == pytest.approx(
-        {"attention": 1.28, "router": 0.16, "experts": 1.92, "dense": 0.0, "output": 0.64})
+        {"attention": 3.84, "router": 0.8, "experts": 3.52, "dense": 0.0, "output": 1.28,
+         "elementwise": 5.76, "dispatch": 2.56})
     # federated sums: layers + 1 = 2 ring all-reduces of 4*8 bytes over 2 clusters, 32 bytes
     # each, inside the node: 2 * 1 s + 64 B / 100 B/s = 2.64 s; no all-to-all (L = 1)
     assert breakdown["comm"] == pytest.approx({"all_reduce": 2.64})
-    assert foe["forward"] == pytest.approx(4.0 + 2.64)
-    # ttft also writes 4 K/V entries of 1 kv head: attention bytes 128 + 2*4*4 = 160 -> 1.6 s
-    assert foe["ttft"] == pytest.approx(1.6 + 0.16 + 1.92 + 0.64 + 2.64)
-    # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, bytes 128 + 2*4*5 =
-    # 168 -> 1.68 s; router 0.16 s; experts 1 copy: 96 B -> 0.96 s; output 0.64 s;
+    assert breakdown["host_syncs"] == 2 and breakdown["host_sync_seconds"] == 0  # free here
+    assert foe["forward"] == pytest.approx(17.76 + 2.64)
+    # ttft also copies the 4 new K/V entries into the cache: attention + 4*4*1*4 = 448 -> 4.48
+    assert foe["ttft"] == pytest.approx(17.76 + 0.64 + 2.64)
+    # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, elements 128 +
+    # (56 + 16) + 2*4*5 = 240 -> 2.4 s; router 16 + 16 -> 0.32 s; experts 1 copy: 96 + 40 ->
+    # 1.36 s; output 64 + 16 -> 0.8 s; elementwise 144 -> 1.44 s; dispatch 8 rows -> 0.64 s;
     # comm 2 * (1 s + 8 B / 100 B/s) = 2.16 s
-    assert foe["tbt"] == pytest.approx(1.68 + 0.16 + 0.96 + 0.64 + 2.16)
+    assert foe["tbt"] == pytest.approx(2.4 + 0.32 + 1.36 + 0.8 + 1.44 + 0.64 + 2.16)
     assert foe["generate"] == pytest.approx(foe["ttft"] + foe["tbt"])
 
     # MoE on 2 nodes x 2 GPUs: EP=4 (one expert each), 4 prompts -> one per rank.
     moe = project_member(tiny("moe"), TINY_HW, nodes=2, batch=4, prompt_len=4, gen_len=2)
     assert moe["layout"] == {"expert_parallel": 4, "token_shards": 4, "seqs_per_rank": 1}
     # full attention 8*(2+4)*4 + 2*4*8 = 256 weights: FLOPs 2*4*256 + 4*4*2*10 = 2368
-    #   -> 2.368 s; bytes 2.56 s => 2.56. router 4*8 = 32 weights: 0.256 s vs 0.32 s => 0.32.
-    # experts: 4 tokens * k=2 = 8 copies on 1 local expert: FLOPs 1536 -> 1.536 s, bytes 0.96 s
+    #   -> 2.368 s; 256 + 4*(16 + 20*4) + 4*4*4 = 704 -> 7.04 s => 7.04.
+    # router 4*8 = 32 weights: 0.256 s vs 32 + 4*(8 + 16) = 128 -> 1.28 s => 1.28.
+    # experts: 4 tokens * k=2 = 8 copies on 1 local expert: FLOPs 1536 -> 1.536 s, 96 + 8*40
+    #   = 416 -> 4.16 s; output 16*8 weights: 1.024 s vs 128 + 4*24 = 224 -> 2.24 s
+    # elementwise: 2 norms, 2 adds, embedding, final norm: 14d = 112 per token -> 4.48 s
+    # dispatch: permute 2*8, unpermute 8 + 4, all-to-all buffers 2*(8 + 8): 60 rows -> 4.8 s
     breakdown = moe["breakdown"]["forward"]
     assert breakdown["compute"] == pytest.approx(
-        {"attention": 2.56, "router": 0.32, "experts": 1.536, "dense": 0.0, "output": 1.28})
+        {"attention": 7.04, "router": 1.28, "experts": 4.16, "dense": 0.0, "output": 2.24,
+         "elementwise": 4.48, "dispatch": 4.8})
     # all-to-all: dispatch + combine of 4*2*8 = 64 B (3/4 sent, 2/4 to the other node) and the
     # probabilities 4*2*4 = 32 B: 3 calls, 120 B of which 80 cross: 3*5 + 40/100 + 80/10.
     # all-gather of counts: 4*8*3 = 96 B, half the ring hops cross: 5 + 48/100 + 48/10.
     assert breakdown["comm"] == pytest.approx({"all_to_all": 23.4, "all_gather": 10.28})
-    assert moe["forward"] == pytest.approx(5.696 + 23.4 + 10.28)
+    assert moe["forward"] == pytest.approx(24.0 + 23.4 + 10.28)
 
 
 def test_comm_volume_comes_from_comm_model(monkeypatch):
