@@ -43,10 +43,13 @@ def token_dispatcher(model: ModelConfig, ep_size: int, topk: int) -> str:
     that sends fewer bytes. alltoall sends a token's k copies to the ranks holding its
     experts, 2*k*d*(P-1)/P per token for dispatch and combine; allgather + reduce-scatter
     forwards every token to every other rank and back, 2*(P-1)*d. So allgather wins when
-    k > P (and holds the group's P*T tokens on each rank)."""
+    k > P (and holds the group's P*T tokens on each rank). In a group of one rank neither
+    communicates, and allgather is still the cheaper: alltoall sorts the routed copies by
+    local expert after the (empty) exchange and back before it, two more copies of every
+    routed token per layer."""
     if model.token_dispatcher != "auto":
         return model.token_dispatcher
-    return "allgather" if ep_size > 1 and topk > ep_size else "alltoall"
+    return "allgather" if ep_size == 1 or topk > ep_size else "alltoall"
 
 
 def expert_parallel_size(parallel: ParallelConfig, world_size: int) -> int:

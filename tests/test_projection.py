@@ -61,24 +61,25 @@ def test_roofline_and_alpha_beta_by_hand():
     #   0.512 s; 64 + 4*(8 + 8) = 128 -> 1.28 s => 1.28
     # elementwise (post_attention, 1 layer): 2 norms 4d, h + sum 3d, the final fold 3d, 2
     #   federated sums 2d each, embedding and final norm 4d: 18d = 144 per token -> 5.76 s
-    # dispatch (alltoall, P=1, 2 local experts): permute 2*4 copies, unpermute 4 + 4, sort and
-    #   unsort 4*4: 32 rows of 8 -> 2.56 s
+    # dispatch (auto picks allgather for P=1: alltoall would also sort the 4 copies by local
+    #   expert and back): permute 2*4 copies, unpermute 4 copies in, 4 tokens out: 16 rows of
+    #   8 -> 1.28 s
     breakdown = foe["breakdown"]["forward"]
     assert breakdown["compute"] == pytest.approx(
         {"attention": 3.84, "router": 0.8, "experts": 3.52, "dense": 0.0, "output": 1.28,
-         "elementwise": 5.76, "dispatch": 2.56})
+         "elementwise": 5.76, "dispatch": 1.28})
     # federated sums: layers + 1 = 2 ring all-reduces of 4*8 bytes over 2 clusters, 32 bytes
     # each, inside the node: 2 * 1 s + 64 B / 100 B/s = 2.64 s; no all-to-all (L = 1)
     assert breakdown["comm"] == pytest.approx({"all_reduce": 2.64})
-    assert breakdown["host_syncs"] == 2 and breakdown["host_sync_seconds"] == 0  # free here
-    assert foe["forward"] == pytest.approx(17.76 + 2.64)
+    assert breakdown["host_syncs"] == 3 and breakdown["host_sync_seconds"] == 0  # free here
+    assert foe["forward"] == pytest.approx(16.48 + 2.64)
     # ttft also copies the 4 new K/V entries into the cache: attention + 4*4*1*4 = 448 -> 4.48
-    assert foe["ttft"] == pytest.approx(17.76 + 0.64 + 2.64)
+    assert foe["ttft"] == pytest.approx(16.48 + 0.64 + 2.64)
     # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, elements 128 +
     # (56 + 16) + 2*4*5 = 240 -> 2.4 s; router 16 + 16 -> 0.32 s; experts 1 copy: 96 + 40 ->
-    # 1.36 s; output 64 + 16 -> 0.8 s; elementwise 144 -> 1.44 s; dispatch 8 rows -> 0.64 s;
+    # 1.36 s; output 64 + 16 -> 0.8 s; elementwise 144 -> 1.44 s; dispatch 4 rows -> 0.32 s;
     # comm 2 * (1 s + 8 B / 100 B/s) = 2.16 s
-    assert foe["tbt"] == pytest.approx(2.4 + 0.32 + 1.36 + 0.8 + 1.44 + 0.64 + 2.16)
+    assert foe["tbt"] == pytest.approx(2.4 + 0.32 + 1.36 + 0.8 + 1.44 + 0.32 + 2.16)
     assert foe["generate"] == pytest.approx(foe["ttft"] + foe["tbt"])
 
     # MoE on 2 nodes x 2 GPUs: EP=4 (one expert each), 4 prompts -> one per rank.

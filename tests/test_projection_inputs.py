@@ -99,8 +99,9 @@ def test_imbalance_scales_the_slowest_ranks_experts_and_all_to_all():
 
 def test_host_syncs_cost_their_latency_per_moe_layer():
     hw = TINY_HW.model_copy(update={"host_sync_latency": 0.5})
-    base = project_member(tiny("foe"), TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2)
-    priced = project_member(tiny("foe"), hw, nodes=1, batch=1, prompt_len=4, gen_len=2)
+    a2a = with_model(tiny("foe"), token_dispatcher="alltoall")
+    base = project_member(a2a, TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2)
+    priced = project_member(a2a, hw, nodes=1, batch=1, prompt_len=4, gen_len=2)
     # one MoE layer, alltoall dispatcher: 2 queue-draining syncs of 0.5 s in every pass
     assert HOST_SYNCS == {"alltoall": 2, "allgather": 3}
     assert priced["breakdown"]["tbt"]["host_syncs"] == 2
@@ -111,9 +112,9 @@ def test_host_syncs_cost_their_latency_per_moe_layer():
     assert project_member(gather, hw, 1, 1, 4, 2)["breakdown"]["forward"][
         "host_sync_seconds"] == pytest.approx(1.5)
     # two layers, one of them dense: still one MoE layer's syncs; two MoE layers: twice
-    dense = with_model(tiny("foe"), num_layers=2, moe_layer_freq=[1, 0])
+    dense = with_model(a2a, num_layers=2, moe_layer_freq=[1, 0])
     assert project_member(dense, hw, 1, 1, 4, 2)["breakdown"]["ttft"]["host_syncs"] == 2
-    both = with_model(tiny("foe"), num_layers=2)
+    both = with_model(a2a, num_layers=2)
     assert project_member(both, hw, 1, 1, 4, 2)["breakdown"]["ttft"]["host_syncs"] == 4
     assert load_hardware(H100).host_sync_latency == pytest.approx(20e-6)
 
