@@ -80,8 +80,9 @@ class _CrossEntropy(torch.autograd.Function):
                 logits, target, logits_max, start, end
             )
         )
-        dist.all_reduce(predicted, group=group)
-        dist.all_reduce(sum_exp, group=group)
+        both = torch.stack([predicted, sum_exp])  # one sum over the shards, not two
+        dist.all_reduce(both, group=group)
+        predicted, sum_exp = both.unbind(0)
         softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
             exp_logits, predicted, sum_exp
         )
@@ -103,8 +104,9 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup
 ) -> torch.Tensor:
-    """Per-token next-token loss (shape of ``target``) from vocab-split logits; three small
-    all-reduces of one float per token replace gathering the logits."""
+    """Per-token next-token loss (shape of ``target``) from vocab-split logits; two small
+    all-reduces (the max, then the target logit and the sum of exponentials together) of one
+    or two floats per token replace gathering the logits."""
     return _CrossEntropy.apply(logits, target, group)
 
 

@@ -88,7 +88,9 @@ class FoELayer(TransformerLayer):
             return h + reduce_from_federation(self._mlp(h, kwargs), fed), None
 
         if hidden_states.shape[-1] == 2 * d:
-            h, pending = hidden_states[..., :d], hidden_states[..., d:]
+            # split, not two slices: backward then writes both gradients into one [s, b, 2d]
+            # tensor instead of zero-filling and adding two
+            h, pending = hidden_states.split(d, dim=-1)
         else:
             h, pending = hidden_states, None
         stream = copy_to_federation(h, fed)
