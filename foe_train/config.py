@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,11 @@ class ParallelConfig(_Section):
     clusters: int = 1
     ranks_per_cluster: int = 1
     expert_parallel: int | None = None
+    # Where several clusters of a federation share a node and it spans nodes, a federated sum
+    # of at least this many bytes is two-level (inside the node, across nodes, back: fewer
+    # bytes cross nodes, three calls); a smaller one, such as a decode step's, is one flat
+    # all-reduce, since its time is the calls' latency. Any size: 0 (tests of the path).
+    two_level_min_bytes: int = Field(default=512 * 1024, ge=0)
 
     @property
     def world_size(self) -> int:

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+from foe_train.bench.comm_model import predict
 from foe_train.bench.comm_run import cross_node_per_token, table
+from foe_train.config import load_config
 
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
 
@@ -36,7 +38,9 @@ def tmp(tmp_path_factory):
 
 
 def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
-    r = comm(tmp, "foe", 4, 1, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
+    """Two clusters per node on 2 nodes, but each sum (32 tokens x d=128 x 4 B = 16 KiB) is
+    below parallel.two_level_min_bytes: one flat all-reduce each, as predicted."""
+    r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
              "model.cluster_topk=1", "model.residual_sync=post_attention_and_moe",
              "model.moe_layer_freq=[1,0]")
     assert "all_to_all" not in r["counted"]
@@ -49,7 +53,8 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
 
 def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
-             "model.cluster_topk=1", baseline=["--baseline", "configs/quickstart/moe.yaml"])
+             "model.cluster_topk=1", "parallel.two_level_min_bytes=0",
+             baseline=["--baseline", "configs/quickstart/moe.yaml"])
     assert r["counted"] == r["predicted"]
     assert r["stdout"].startswith(table({k: v for k, v in r.items() if k != "stdout"}))
     foe_per_token = f"FoE {cross_node_per_token(r):,.0f}; MoE/FoE "
@@ -93,3 +98,19 @@ def test_moe_baseline_all_to_all_crosses_nodes(tmp):
     a2a = r["counted"]["all_to_all"]
     assert a2a["cross_node_bytes"] > 0 and a2a["cross_node_bytes"] * 3 == a2a["bytes"] * 2
     assert ["all_to_all_single", "ep", True] in r["collectives"]
+
+
+def test_two_level_sum_from_its_threshold_on():
+    """parallel.two_level_min_bytes: a sum of fewer bytes is predicted flat (one call), one of
+    at least that many two-level, as Federation.all_reduce chooses at run time."""
+    cfg = load_config("configs/quickstart/foe.yaml", ["parallel.clusters=4",
+                                                      "parallel.ranks_per_cluster=1",
+                                                      "model.cluster_topk=1"])
+    per_token = cfg.model.hidden_size * 4
+    threshold = cfg.parallel.two_level_min_bytes
+    assert threshold == 512 * 1024
+    below = predict(cfg.model, cfg.parallel, 4, 2, threshold // per_token - 1)
+    at = predict(cfg.model, cfg.parallel, 4, 2, threshold // per_token)
+    assert set(below) == {"all_reduce"} and below["all_reduce"]["calls"] == 5
+    assert set(at) == {"all_reduce", "reduce_scatter", "all_gather"}
+    assert at["reduce_scatter"]["calls"] == at["all_gather"]["calls"] == 5

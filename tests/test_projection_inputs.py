@@ -160,28 +160,29 @@ def test_measured_beside_projected(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     # row 0, FoE (C=2, L=1, all 8 tokens): attention 6.4 + router 0.256 vs 144/100 = 1.44 +
     # experts 192 + 8*40 = 512 -> 5.12 + output 64 + 8*16 = 192 -> 1.92 + elementwise
-    # 8*144 -> 11.52 + dispatch (16 + 8 + 8 + 32) rows of 8 -> 5.12 = 31.52 s compute; 2 sums
-    # of 64 B inside the node: 2 * 1 s + 128 / 100 = 3.28 s => 34.8 s
+    # 8*144 -> 11.52 + dispatch (allgather at P=1: 16 copies permuted + 8 unpermuted in,
+    # 8 tokens out) 32 rows of 8 -> 2.56 = 28.96 s compute; 2 sums of 64 B inside the node:
+    # 2 * 1 s + 128 / 100 = 3.28 s => 32.24 s
     foe, moe = rows[0]["foe"], rows[0]["moe"]
-    assert foe["forward"]["projected"] == pytest.approx(34.8)
-    assert foe["forward"]["rel_error"] == pytest.approx(34.8 / 10 - 1)
+    assert foe["forward"]["projected"] == pytest.approx(32.24)
+    assert foe["forward"]["rel_error"] == pytest.approx(32.24 / 10 - 1)
     # MoE (EP=2, 4 tokens per rank) at the row's measured load 2: attention 7.04, router 1.28,
     # experts 2 local: 192 + 16*40 = 832 -> 8.32, output 2.24, elementwise 4.48, dispatch
     # 24 + 4 + 2*(8 + 16) + 4*16 = 140 rows -> 11.2: 34.56 s; all-to-all 3 calls of 1 s +
     # 2 * 80 B / 100, counts' all-gather 1 s + 32 / 100: 5.92 s => 40.48 s
     assert (moe["imbalance"], moe["forward"]["projected"]) == pytest.approx((2.0, 40.48))
     assert rows[0]["ratio"]["forward"] == pytest.approx(
-        {"measured": 2.0, "projected": 40.48 / 34.8, "paper": 5.2})
+        {"measured": 2.0, "projected": 40.48 / 32.24, "paper": 5.2})
     assert rows[1]["moe"]["imbalance"] == 1.0  # each row its own measured load
     assert rows[1]["ratio"]["tbt"]["measured"] == pytest.approx(1.5)
 
     project_main(["--pair", *pair, "--cluster", hw, "--measured", report])
     table = capsys.readouterr().out
-    # row 0 forward: FoE 10000 ms measured, 34800 projected (+248%), MoE 20000 and 40480
-    # (+102%), measured ratio 2.00 beside the projection's 1.16 and the paper's 5.20
+    # row 0 forward: FoE 10000 ms measured, 32240 projected (+222%), MoE 20000 and 40480
+    # (+102%), measured ratio 2.00 beside the projection's 1.26 and the paper's 5.20
     line = next(s for s in table.splitlines() if s.lstrip().startswith("2      4  forward"))
-    assert line.split() == ["2", "4", "forward", "10000.000", "34800.000", "+248%",
-                            "20000.000", "40480.000", "+102%", "2.00", "1.16", "5.20"]
+    assert line.split() == ["2", "4", "forward", "10000.000", "32240.000", "+222%",
+                            "20000.000", "40480.000", "+102%", "2.00", "1.26", "5.20"]
     assert "expert load max/mean 2.00" in table and "moe/foe meas" in table
 
 

@@ -7,8 +7,9 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
   Backward: one all-reduce per copy into cluster work (two per layer in both modes). With m
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
   node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
-  all-gather inside the node. The split output layer adds one flat sum backward (its input
-  gradient), and a tied embedding, split with it, one forward.
+  all-gather inside the node, when T*d*b is at least parallel.two_level_min_bytes (else flat).
+  The split output layer adds one flat sum backward (its input gradient), and a tied
+  embedding, split with it, one forward.
 - All-to-all over P expert ranks on N nodes (FoE: P = L inside one node): dispatch and combine
   each send T*k*d*b*(P-1)/P; megatron's dispatcher also sends the routing probabilities
   (T*k*4*(P-1)/P, float32) and all-gathers each rank's per-expert token counts (E*8 bytes).
@@ -87,7 +88,7 @@ def _rank_traffic(
             head_sums = int(backward) + int(not model.untie_embeddings)
             add("all_reduce", head_sums, nbytes, flat_cross)
             local, cross = grid.federation_levels()
-            if local:
+            if local and tokens * d * elem_bytes >= grid.two_level_min_bytes:
                 m, spanned = len(local[0]), len(cross[0])
                 part = Fraction(-(-tokens * d // m) * elem_bytes)
                 add("reduce_scatter", sums, (m - 1) * part, 0 * part)

@@ -134,7 +134,8 @@ def block_spec(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
-        "federation": Federation(*topo.federation_groups()),
+        "federation": Federation(*topo.federation_groups(),
+                                 two_level_min_bytes=topo.grid.two_level_min_bytes),
         "residual_sync": model.residual_sync,
     }
     specs = []

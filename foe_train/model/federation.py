@@ -4,7 +4,8 @@ Flat: one all-reduce over the C members. Two-level, when several members share a
 federation spans nodes: reduce-scatter inside the node, all-reduce each 1/m slice across nodes
 among the members with the same local index, all-gather inside the node. Each node then sends
 2(N-1)/N of the summed tensor across nodes instead of the flat ring's 2(C-1)/C, and the
-m members of a node share that traffic.
+m members of a node share that traffic. It takes three calls instead of one, so a sum smaller
+than ``two_level_min_bytes`` (parallel.two_level_min_bytes: a decode step's) stays flat.
 
 Autograd is megatron's tensor-parallel pair over the federation: ``reduce`` (forward sum,
 backward identity) where cluster outputs rejoin the replicated residual, ``copy`` (forward
@@ -35,6 +36,7 @@ class Federation:
     group: dist.ProcessGroup
     local: dist.ProcessGroup | None = None
     cross: dist.ProcessGroup | None = None
+    two_level_min_bytes: int = 0
 
     @property
     def two_level(self) -> bool:
@@ -43,7 +45,7 @@ class Federation:
     def all_reduce(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The sum over the federation of ``x``; ``inplace`` lets the flat sum reuse x's
         storage (as megatron's reduce does) where nothing else reads x afterwards."""
-        if not self.two_level:
+        if not self.two_level or x.numel() * x.element_size() < self.two_level_min_bytes:
             out = x.contiguous() if inplace else x.contiguous().clone()
             dist.all_reduce(out, group=self.group)
             return out
