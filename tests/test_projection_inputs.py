@@ -229,3 +229,12 @@ def test_unusable_reports_refused_in_one_line(tmp_path, capsys):
     Path(old).write_text(json.dumps(data))
     err = refused(capsys, "--pair", *pair, "--cluster", hw, "--imbalance-from", old)
     assert "no moe.imbalance.max_over_mean" in err
+
+
+def test_a_one_rank_expert_group_has_no_imbalance():
+    """FoE with one rank per cluster: that rank's router can only pick its own experts, so a
+    measured spread elsewhere (another layout, the baseline) does not apply to it."""
+    foe = project_member(tiny("foe"), TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2,
+                         imbalance=1.5)
+    assert foe["layout"]["ranks_per_cluster"] == 1 and foe["imbalance"] == 1.0
+    assert foe["forward"] == project_member(tiny("foe"), TINY_HW, 1, 1, 4, 2)["forward"]

@@ -368,6 +368,8 @@ def project_member(cfg: RecipeConfig, hw: Hardware, nodes: int, batch: int, prom
             check_layout(model, parallel, world, consecutive_nodes(world, nodes))
         except ConfigError as exc:
             raise ConfigError(f"{model.kind} at the measured layout: {exc}") from None
+    if expert_group(model, parallel, world).ranks == 1:
+        imbalance = 1.0  # one rank holds its group's experts: it receives every copy
     shards = token_shards(model, parallel, world)
     if batch % shards:
         raise ConfigError(f"--batch {batch}: not divisible by the {shards} token shards of "
