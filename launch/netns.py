@@ -85,6 +85,9 @@ class Fabric:
             _ip("link", "set", f"p{node}", "up", ns=self.hub)
             _ip("addr", "add", f"{self.address(node)}/24", "dev", LINK, ns=ns)
             _ip("link", "set", LINK, "up", ns=ns)
+            # gloo's 64-256 KiB messages otherwise stall 10-60 ms on the HTB-capped veth: the
+            # sender holds its last ~25 KB (less than one 64 KiB GSO segment) with the link idle
+            _ip("link", "set", LINK, "gso_max_size", "16384", ns=ns)
             _ip("link", "set", "lo", "up", ns=ns)
             _tc(ns, "qdisc", "add", "dev", LINK, "root", "handle", "1:", "htb", "default", "10")
             _tc(ns, "class", "add", "dev", LINK, "parent", "1:", "classid", "1:10", "htb",

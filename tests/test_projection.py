@@ -152,25 +152,38 @@ def test_paper_pair_projection_cli(tmp_path, capsys):
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                     reason="emulated nodes need root and iproute2")
 def test_calibration_on_emulated_nodes(tmp_path, capsys):
+    from foe_train.bench.collectives import SIZES
+
     fit_json, hw_yaml = tmp_path / "fit.json", tmp_path / "emulated.yaml"
     project_main(["--calibrate", "--link-rate", "1gbit", "--nodes", "2", "--nproc", "4",
                   "--out", str(fit_json), "--hardware-out", str(hw_yaml)])
     measured = capsys.readouterr().out  # every point, measured and fitted
     fit = json.loads(fit_json.read_text())
-    # Per collective and scope, the fitted alpha-beta line reproduces its points (the smallest
-    # size and the sizes above the scope's noise floor, see bench.collectives) within 25%.
+    # every size of both collectives in both scopes is a point, and max_error covers them all
+    points = fit["points"]
+    assert len(points) == 2 * sum(len(sizes) for sizes in SIZES.values())
+    errors = [abs(p["fitted_seconds"] - p["seconds"]) / p["seconds"] for p in points]
+    assert fit["max_error"] == pytest.approx(max(errors))
+    # the fitted model reproduces every measured point within 25%
     assert fit["max_error"] <= 0.25, measured
+    # ... priced by the projection's own formula with the links --calibration loads
+    refitted = load_hardware(H100, fit_json)
+    for p in points:
+        assert projection.comm_seconds(1, p["bytes"], p["cross_node_bytes"],
+                                       *refitted.links(p["op"])) == pytest.approx(
+            p["fitted_seconds"])
     for op in ("all_reduce", "all_to_all"):
-        # 1 Gbit/s (~0.93 measured) shared by the node's 2 ranks: ~58 MB/s each
+        # 1 Gbit/s (~0.93 measured) shared by the node's 2 ranks: at most ~58 MB/s each
         assert 35e6 < fit["ops"][op]["inter_node"]["beta"] < 70e6
         assert fit["ops"][op]["intra_node"]["beta"] > 3 * fit["ops"][op]["inter_node"]["beta"]
     # the written cluster description projects the emulated setting itself
     hw = load_hardware(hw_yaml)
     assert hw.gpus_per_node == 2 and set(hw.per_op) == {"all_reduce", "all_to_all"}
-    refitted = load_hardware(H100, fit_json)  # --calibration: the fitted links, full precision
     for op, scopes in hw.per_op.items():
         assert refitted.per_op[op].inter_node.bandwidth == pytest.approx(
             scopes.inter_node.bandwidth, rel=1e-3)
+        assert refitted.per_op[op].inter_node.overlap == pytest.approx(
+            scopes.inter_node.overlap, abs=1e-3)
     bench = [str(ROOT / "configs/bench/foe.yaml"), str(ROOT / "configs/bench/moe.yaml")]
     project_main(["--pair", *bench, "--cluster", str(hw_yaml), "--nodes", "2", "--batch", "4",
                   "--prompt-len", "64", "--json"])

@@ -37,21 +37,29 @@ COUNT_BYTES = 8
 
 
 class Link(BaseModel):
-    """One fabric scope as the alpha-beta model sees it, per GPU and direction."""
+    """One fabric scope as the alpha-beta model sees it, per GPU and direction. ``overlap`` (p)
+    says how far a call's latency hides behind its transfer: time = (alpha^p + transfer^p)^(1/p),
+    the sum of the two at p = 1 (plain alpha-beta: nominal links, configs/hardware), tending to
+    the larger of them as p grows (the emulated fabric's fit, bench.collectives)."""
 
     model_config = ConfigDict(extra="forbid")
 
     bandwidth: float = Field(gt=0, description="bytes/s (beta)")
     latency: float = Field(ge=0, description="seconds per call (alpha)")
+    overlap: float = Field(default=1.0, ge=1.0, description="p of (alpha^p + transfer^p)^(1/p)")
 
 
 def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
                  inter: Link) -> float:
-    """Alpha-beta time of `calls` collectives sending nbytes per rank in all, cross_bytes of
-    them to other nodes: the per-call latency is the inter-node one as soon as anything
-    crosses, each byte goes at its own scope's bandwidth."""
-    alpha = (inter if cross_bytes > 0 else intra).latency
-    return calls * alpha + (nbytes - cross_bytes) / intra.bandwidth + cross_bytes / inter.bandwidth
+    """Time of `calls` collectives sending nbytes per rank in all, cross_bytes of them to other
+    nodes: the latency and overlap are the inter-node link's as soon as anything crosses, each
+    byte goes at its own scope's bandwidth, and latency and transfer combine as Link says. The
+    combination is homogeneous in (calls, bytes), so aggregated calls are priced as that many
+    calls of the mean size."""
+    link = inter if cross_bytes > 0 else intra
+    transfer = (nbytes - cross_bytes) / intra.bandwidth + cross_bytes / inter.bandwidth
+    p = link.overlap
+    return ((calls * link.latency) ** p + transfer**p) ** (1 / p)
 
 
 def _ring(n: int, nbytes: int) -> Fraction:

@@ -18,10 +18,12 @@ Metrics, of the slowest rank (the layouts are symmetric but for the expert load,
 Each is compute + communication + host synchronisations (none overlapping).
 
 Communication: bytes, cross-node bytes and calls per collective come from bench.comm_model
-(DESIGN §3 as code), never re-derived here; time = calls * alpha(scope) +
-intra_bytes / beta_intra + cross_bytes / beta_inter, the scope being inter-node when any of the
-op's bytes cross nodes. alpha/beta are the cluster description's per scope, or per collective
-where it has them (``per_op``: what a calibration on the emulated fabric fits, see
+(DESIGN §3 as code), never re-derived here; time = ((calls * alpha(scope))^p + transfer^p)^(1/p)
+with transfer = intra_bytes / beta_intra + cross_bytes / beta_inter and p the link's overlap
+(1 for nominal links: the plain alpha-beta sum; fitted on the emulated fabric, where the
+latency floor and the transfer overlap), the scope being inter-node when any of the op's bytes
+cross nodes (comm_model.comm_seconds). alpha/beta are the cluster description's per scope, or
+per collective where it has them (``per_op``: what a calibration on the emulated fabric fits, see
 bench.collectives). comm_model's byte counts are means over ranks, so a node's inter-node
 traffic is taken as spread evenly over its GPUs' NICs (beta_inter is per GPU), as NCCL's
 multi-channel rings approach.
@@ -158,13 +160,16 @@ class Hardware(_Strict):
 
 
 def _scopes(fitted: dict) -> dict[str, Link]:
-    return {s: Link(latency=fitted[s]["alpha"], bandwidth=fitted[s]["beta"])
+    """The fitted links of one collective (or pooled); a fit without an overlap (older
+    calibrations) prices as plain alpha-beta."""
+    return {s: Link(latency=fitted[s]["alpha"], bandwidth=fitted[s]["beta"],
+                    overlap=fitted[s].get("overlap", 1.0))
             for s in ("intra_node", "inter_node")}
 
 
 def load_hardware(path: str | Path, calibration: str | Path | None = None) -> Hardware:
-    """A hardware YAML, its links replaced by a calibration's fitted alpha/beta when given
-    (pooled per scope, and per collective where the calibration fitted one)."""
+    """A hardware YAML, its links replaced by a calibration's fitted alpha, beta and overlap
+    when given (pooled per scope, and per collective where the calibration fitted one)."""
     hw = load_config(path, schema=Hardware)
     if calibration is None:
         return hw
@@ -615,12 +620,12 @@ def _calibrate(args: argparse.Namespace) -> None:
               f"{p['seconds'] * 1e3:9.3f} ms  fitted {p['fitted_seconds'] * 1e3:9.3f} ms")
     for name, fitted in [("pooled", result), *result["ops"].items()]:
         print(f"{name:<10} " + "; ".join(
-            f"{s}: alpha {fitted[s]['alpha'] * 1e6:.0f} us, beta {fitted[s]['beta'] / 1e6:.1f} MB/s"
+            f"{s}: alpha {fitted[s]['alpha'] * 1e6:.0f} us, beta {fitted[s]['beta'] / 1e6:.1f} "
+            f"MB/s, overlap {fitted[s]['overlap']:.2f}"
             for s in ("intra_node", "inter_node")))
-    fitted_range = ", ".join(f"{s} >= {b} B" for s, b in result["min_bytes"].items())
-    print(f"max relative error {result['max_error']:.3f} on the fitted points (the smallest "
-          f"size, {fitted_range}); {result['max_error_all_sizes']:.3f} on every point; "
-          f"{result['max_error_pooled']:.3f} with the pooled alpha/beta per scope")
+    by_op = ", ".join(f"{op} {e:.3f}" for op, e in result["max_error_by_op"].items())
+    print(f"max relative error over all {len(result['points'])} points {result['max_error']:.3f} "
+          f"({by_op}); {result['max_error_pooled']:.3f} with the pooled links per scope")
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text)
@@ -638,7 +643,8 @@ def hardware_yaml(result: dict) -> str:
 
     def links(fitted: dict) -> dict:
         return {s: {"bandwidth": float(f"{fitted[s]['beta']:.4g}"),
-                    "latency": float(f"{fitted[s]['alpha']:.4g}")}
+                    "latency": float(f"{fitted[s]['alpha']:.4g}"),
+                    "overlap": round(fitted[s]["overlap"], 3)}
                 for s in ("intra_node", "inter_node")}
 
     body = {
@@ -652,10 +658,11 @@ def hardware_yaml(result: dict) -> str:
     }
     head = (f"# Emulated CPU fabric: {result['nodes']} network-namespace nodes x {ranks} gloo "
             f"ranks, link capped at\n# {result['link_rate']} (HTB). Fitted by `foe-bench project "
-            f"--calibrate`: max relative error {result['max_error']:.2f}\n# on the fitted "
-            f"points, {result['max_error_all_sizes']:.2f} on every point (bench.collectives). "
-            f"Compute rates measured\n# with every rank busy at once (fp32 matmul, tensor "
-            f"copy). Bandwidths in bytes/s, latencies in s.\n")
+            f"--calibrate`: max relative error {result['max_error']:.2f}\n# over all "
+            f"{len(result['points'])} measured points (bench.collectives). Compute rates "
+            f"measured with every\n# rank busy at once (fp32 matmul, tensor copy). Bandwidths "
+            f"in bytes/s, latencies in s;\n# a call takes (latency^p + transfer^p)^(1/p) with "
+            f"p = overlap (bench.comm_model).\n")
     return head + yaml.safe_dump(body, sort_keys=False)
 
 
