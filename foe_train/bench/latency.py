@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -186,7 +187,8 @@ def format_table(rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
-def member_config(path: str, overrides: list[str], trained: bool) -> tuple[RecipeConfig, Any]:
+def member_config(path: str, overrides: list[str],
+                  trained: bool) -> tuple[RecipeConfig, Path | None]:
     """A member's recipe and weights: a recipe file (random weights) or a foe-train run's
     newest checkpoint with its own recipe (overrides may change only its layout)."""
     if trained:
