@@ -62,6 +62,17 @@ def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
     return ((calls * link.latency) ** p + transfer**p) ** (1 / p)
 
 
+def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int]:
+    """(sums of the layers, sums of the split head) an FoE federation of C > 1 clusters makes
+    in one pass: the layers' n + 1 (post_attention) or 2n forward and 2n backward; the head's
+    flat sums, the output layer's input gradient backward and a tied (hence split)
+    embedding's rows forward."""
+    n = model.num_layers
+    layers = (n + 1 if model.residual_sync == "post_attention" else 2 * n) \
+        + (2 * n if backward else 0)
+    return layers, int(backward) + int(not model.untie_embeddings)
+
+
 def _ring(n: int, nbytes: int) -> Fraction:
     return Fraction(2 * (n - 1), n) * nbytes
 
@@ -85,15 +96,11 @@ def _rank_traffic(
         P, k, E = L, cluster_topk(model, C), model.num_experts // C
         ep_group = grid.group("cluster_ep", rank)
         if C > 1:
-            sums = layers + 1 if model.residual_sync == "post_attention" else 2 * layers
-            sums += 2 * layers if backward else 0
+            sums, head_sums = federated_sums(model, backward)
             federation = grid.group("federation", rank)
             successor = federation[(federation.index(rank) + 1) % C]
             nbytes = _ring(C, tokens * d * elem_bytes)
             flat_cross = nbytes if node(successor) != node(rank) else 0 * nbytes
-            # the split head, flat over the federation: the output layer sums its input
-            # gradient backward; a tied (hence split) embedding sums its rows forward
-            head_sums = int(backward) + int(not model.untie_embeddings)
             add("all_reduce", head_sums, nbytes, flat_cross)
             local, cross = grid.federation_levels()
             if local and tokens * d * elem_bytes >= grid.two_level_min_bytes:

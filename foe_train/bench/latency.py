@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class Member:
     topo: Topology
     model: torch.nn.Module
     weights: str
-    samples: dict[str, list[float]] = field(default_factory=dict)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

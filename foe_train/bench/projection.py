@@ -89,7 +89,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from foe_train.bench.comm_model import Link, comm_seconds, predict
+from foe_train.bench.comm_model import Link, comm_seconds, federated_sums, predict
 from foe_train.config import (
     ConfigError,
     ModelConfig,
@@ -266,10 +266,7 @@ def elementwise_elements(model: ModelConfig, clusters: int) -> int:
     federated sums read and write (module docstring), summed over layers."""
     n = model.num_layers
     foe = model.kind == "foe"
-    sums = 0
-    if foe and clusters > 1:  # as bench.comm_model: n + 1 or 2n, a tied embedding's one more
-        sums = (n + 1 if model.residual_sync == "post_attention" else 2 * n) \
-            + (not model.untie_embeddings)
+    sums = sum(federated_sums(model, backward=False)) if foe and clusters > 1 else 0
     if foe and model.residual_sync == "post_attention":
         # 2 norms (4d), h + sum (3d); after layer 0 s_c = h + m_c and a_c + m_c (6d); the
         # [s, b, 2d] state concatenated (4d) except after the last, which folds m_c in (3d)
