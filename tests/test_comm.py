@@ -45,8 +45,8 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
              "model.moe_layer_freq=[1,0]")
     assert "all_to_all" not in r["counted"]
     assert r["counted"] == r["predicted"]
-    # two sums per layer forward, two copies per layer backward, over the 4-cluster federation,
-    # plus the split output layer's input gradient (backward)
+    # two sums per layer forward; backward, every sum but the last and the embedded tokens'
+    # gradient; over the 4-cluster federation, plus the split output layer's input gradient
     assert r["counted"]["all_reduce"]["calls"] == 9
     assert {tuple(c[:2]) for c in r["collectives"]} == {("all_reduce", "federation")}
 
@@ -66,9 +66,10 @@ def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     assert kinds[("all_gather_into_tensor", "federation_local")] is False
     assert kinds[("all_reduce", "federation_cross")] is True
     # per node, each two-level sum sends 2(N-1)/N * T*d*b across nodes (N = 2 nodes,
-    # T = 32 tokens, d = 128, b = 4): 3 sums forward (2 layers + the fold), 4 copies backward
+    # T = 32 tokens, d = 128, b = 4): 3 sums forward (2 layers + the fold), 3 backward (the
+    # layers' attention sums and the embedded tokens' gradient; the fold's needs none)
     per_node = 2 * r["by_kind"]["all_reduce@federation_cross"]["cross_node_bytes"]
-    assert per_node == 7 * 32 * 128 * 4 * 2 * (2 - 1) // 2
+    assert per_node == 6 * 32 * 128 * 4 * 2 * (2 - 1) // 2
     assert r["by_kind"]["reduce_scatter@federation_local"]["cross_node_bytes"] == 0
 
 

@@ -4,7 +4,7 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
 (every rank sends each expert-rank the same number of token copies):
 - FoE federated sum: a ring all-reduce of T*d*b over C clusters sends 2*(C-1)/C*T*d*b; once per
   layer plus once after the last (post_attention), or twice per layer (post_attention_and_moe).
-  Backward: one all-reduce per copy into cluster work (two per layer in both modes). With m
+  Backward: the same count (every sum but the last, plus the embedded tokens' gradient). With m
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
   node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
   all-gather inside the node, when T*d*b is at least parallel.two_level_min_bytes (else flat).
@@ -64,13 +64,13 @@ def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
 
 def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int]:
     """(sums of the layers, sums of the split head) an FoE federation of C > 1 clusters makes
-    in one pass: the layers' n + 1 (post_attention) or 2n forward and 2n backward; the head's
-    flat sums, the output layer's input gradient backward and a tied (hence split)
-    embedding's rows forward."""
+    in one pass. Layers: n + 1 (post_attention) or 2n forward; backward, every sum but the
+    last adds up its gradient shares, and the embedded tokens' gradient is summed once. Head:
+    the output layer's input gradient backward and a tied (hence split) embedding's rows
+    forward."""
     n = model.num_layers
-    layers = (n + 1 if model.residual_sync == "post_attention" else 2 * n) \
-        + (2 * n if backward else 0)
-    return layers, int(backward) + int(not model.untie_embeddings)
+    forward = n + 1 if model.residual_sync == "post_attention" else 2 * n
+    return forward * (1 + int(backward)), int(backward) + int(not model.untie_embeddings)
 
 
 def _ring(n: int, nbytes: int) -> Fraction:

@@ -7,9 +7,17 @@ among the members with the same local index, all-gather inside the node. Each no
 m members of a node share that traffic. It takes three calls instead of one, so a sum smaller
 than ``two_level_min_bytes`` (parallel.two_level_min_bytes: a decode step's) stays flat.
 
-Autograd is megatron's tensor-parallel pair over the federation: ``reduce`` (forward sum,
-backward identity) where cluster outputs rejoin the replicated residual, ``copy`` (forward
-identity, backward sum) where the replicated residual enters cluster-local work.
+Autograd keeps the replicated residual's gradient in shares: each cluster holds its own
+share of it (what its cluster-local work contributes), and the true gradient is their sum over
+the federation. Cluster-local uses of the residual then need no communication in backward; a
+federated sum adds the shares up once, where the true gradient is needed: for the summed
+contributions (``federated_sum``: forward sum, backward sum). Two boundaries turn shares into
+the true gradient and back: the embedded tokens entering the first layer (``copy_to_federation``:
+forward identity, backward sum, so the embedding's weights get the true gradient) and the head,
+whose column-parallel output layer sums its input's gradient as megatron does over a
+tensor-parallel group; the model's last sum (``last_federated_sum``) therefore receives the true
+gradient and hands the residual its share on one member only. One backward sum per layer
+instead of megatron's pair (a backward sum at every entry into cluster work, two per layer).
 """
 
 from __future__ import annotations
@@ -62,14 +70,27 @@ class Federation:
         return out[: x.numel()].view_as(x)
 
 
-class _Reduce(torch.autograd.Function):
+class _Sum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+        ctx.fed = fed
         return fed.all_reduce(x, inplace=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+        return ctx.fed.all_reduce(grad), None
+
+
+class _LastSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+        ctx.first = dist.get_rank(fed.group) == 0
+        return h + fed.all_reduce(x, inplace=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None]:
+        # None on the other members: autograd adds nothing there (no zero-filled tensor)
+        return (grad if ctx.first else None), grad, None
 
 
 class _Copy(torch.autograd.Function):
@@ -84,11 +105,18 @@ class _Copy(torch.autograd.Function):
         return ctx.fed.all_reduce(grad), None
 
 
-def reduce_from_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:
-    """Forward: the federated sum of ``x`` (x is consumed); backward: identity."""
-    return _Reduce.apply(x, fed)
+def federated_sum(x: torch.Tensor, fed: Federation) -> torch.Tensor:
+    """Forward: the federated sum of ``x`` (x is consumed); backward: the sum of the output's
+    gradient shares, the true gradient of every cluster's contribution."""
+    return _Sum.apply(x, fed)
+
+
+def last_federated_sum(h: torch.Tensor, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+    """``h`` + the federated sum of ``x`` before the head, whose output layer hands back the
+    true gradient: ``x`` gets it as is, the residual ``h`` as a share on the first member."""
+    return _LastSum.apply(h, x, fed)
 
 
 def copy_to_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:
-    """Forward: identity; backward: the federated sum of the gradient."""
+    """Forward: identity; backward: the sum of the gradient shares (the embedded tokens)."""
     return _Copy.apply(x, fed)

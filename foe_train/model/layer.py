@@ -3,9 +3,9 @@
 A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
 G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
 the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums,
-with megatron's tensor-parallel autograd pair over the federation (``model.federation``, flat
-or two-level): ``copy`` (forward identity, backward sum) where the replicated residual enters
-cluster work, ``reduce`` (forward sum, backward identity) where cluster outputs rejoin it.
+(``model.federation``, flat or two-level), whose backward keeps the replicated residual's
+gradient in per-cluster shares: one backward sum per federated sum and none where the residual
+enters cluster work.
 
 In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers; it
 travels concatenated to the residual as a [s, b, 2d] hidden state. Layer 0 receives [s, b, d]
@@ -22,7 +22,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from foe_train.model.federation import Federation, copy_to_federation, reduce_from_federation
+from foe_train.model.federation import (
+    Federation,
+    copy_to_federation,
+    federated_sum,
+    last_federated_sum,
+)
 
 
 class FoELayer(TransformerLayer):
@@ -71,7 +76,7 @@ class FoELayer(TransformerLayer):
         return out if bias is None else out + bias
 
     def _mlp(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        x = self.pre_mlp_layernorm(copy_to_federation(h, self.federation))
+        x = self.pre_mlp_layernorm(h)
         if self.is_moe_layer:
             out, bias = self.mlp(x, padding_mask=kwargs.get("padding_mask"))
         else:
@@ -81,11 +86,11 @@ class FoELayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
         d = self.config.hidden_size
         fed = self.federation
+        if self.layer_number == 1:
+            hidden_states = copy_to_federation(hidden_states, fed)
         if self.residual_sync == "post_attention_and_moe":
-            h = hidden_states + reduce_from_federation(
-                self._attention(copy_to_federation(hidden_states, fed), kwargs), fed
-            )
-            return h + reduce_from_federation(self._mlp(h, kwargs), fed), None
+            h = hidden_states + federated_sum(self._attention(hidden_states, kwargs), fed)
+            return self._fold(h, self._mlp(h, kwargs)), None
 
         if hidden_states.shape[-1] == 2 * d:
             # split, not two slices: backward then writes both gradients into one [s, b, 2d]
@@ -93,15 +98,18 @@ class FoELayer(TransformerLayer):
             h, pending = hidden_states.split(d, dim=-1)
         else:
             h, pending = hidden_states, None
-        stream = copy_to_federation(h, fed)
-        if pending is not None:
-            stream = stream + pending
+        stream = h if pending is None else h + pending
         delta = self._attention(stream, kwargs)
         if pending is not None:
             delta = delta + pending
-        h = h + reduce_from_federation(delta, fed)
+        h = h + federated_sum(delta, fed)
         moe_out = self._mlp(h, kwargs)
         if self.is_last:
-            return h + reduce_from_federation(moe_out, fed), None
+            return self._fold(h, moe_out), None
         return torch.cat([h, moe_out], dim=-1), None
 
+    def _fold(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """h + the federated sum of a cluster output; the model's last sum feeds the head."""
+        if self.is_last:
+            return last_federated_sum(h, out, self.federation)
+        return h + federated_sum(out, self.federation)
