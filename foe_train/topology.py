@@ -37,6 +37,12 @@ class TopologyError(ConfigError):
     """A layout that cannot run: one line naming the field and the fix."""
 
 
+def embedding_sum_rows(tokens: int, vocab_size: int) -> int:
+    """Rows of the tensor an untied FoE embedding sums its gradient shares over (model.head):
+    the embedded tokens' gradient or the table's, whichever is smaller (ties: the tokens')."""
+    return min(tokens, vocab_size)
+
+
 def token_dispatcher(model: ModelConfig, ep_size: int, topk: int) -> str:
     """megatron-core's dispatcher for an expert-parallel group of ``ep_size`` ranks routing
     each token to ``topk`` of its experts: ``model.token_dispatcher``, or for ``auto`` the one

@@ -20,13 +20,13 @@ from foe_train.model.builder import (
 from foe_train.model.head import head_group
 from foe_train.model.oracle import ReferenceFoE
 from foe_train.runtime import device, init_distributed
-from foe_train.topology import build_topology, node_map
+from foe_train.topology import build_topology, embedding_sum_rows, node_map
 from foe_train.train.job import build_optimizer
 
 TINY = {
     "num_layers": 3, "moe_layer_freq": [1, 0, 1], "hidden_size": 32, "num_attention_heads": 8,
     "num_query_groups": 4, "ffn_hidden_size": 64, "num_experts": 8, "moe_ffn_hidden_size": 16,
-    "moe_router_topk": 4, "vocab_size": 64, "seq_length": 16, "aux_loss_coeff": 0.0,
+    "moe_router_topk": 4, "vocab_size": 32, "seq_length": 16, "aux_loss_coeff": 0.0,
 }
 BATCH = 4
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -184,7 +184,15 @@ def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
         results[mode or "moe"] = oracle_check(cfg, topo)
         results["two_level"] = kind == "foe" and topo.federation_groups()[1] is not None
         results[mode or "moe"].update(shared_sync_check(cfg, topo))
+    if kind == "foe":
+        tokens = BATCH // topo.token_shards * TINY["seq_length"]
+        results["embedding_sum"] = (
+            "table" if embedding_sum_rows(tokens, TINY["vocab_size"]) < tokens else "tokens")
     if kind == "foe" and dispatcher == "alltoall":
+        # the tied embedding is split with the output layer and sums its tokens' shares
+        tied = dict(model, residual_sync="post_attention", untie_embeddings=False)
+        cfg = RecipeConfig.model_validate({"model": tied, "parallel": cfg.parallel.model_dump()})
+        results["tied"] = oracle_check(cfg, build_topology(cfg.model, cfg.parallel))
         for other in ("foe", "moe"):
             recipe = {"model": dict(TINY, kind=other), "parallel": parallel}
             cfg = RecipeConfig.model_validate(recipe)

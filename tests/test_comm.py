@@ -42,12 +42,15 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
     below parallel.two_level_min_bytes: one flat all-reduce each, as predicted."""
     r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
              "model.cluster_topk=1", "model.residual_sync=post_attention_and_moe",
-             "model.moe_layer_freq=[1,0]")
+             "model.moe_layer_freq=[1,0]", "model.vocab_size=16")
     assert "all_to_all" not in r["counted"]
     assert r["counted"] == r["predicted"]
-    # two sums per layer forward; backward, every sum but the last and the embedded tokens'
-    # gradient; over the 4-cluster federation, plus the split output layer's input gradient
+    # over the 4-cluster federation (a ring sends 1.5x the tensor): two sums per layer
+    # forward; backward, every sum but the last and the split output layer's input gradient
+    # (32 tokens x d=128 x 4 B each), and the embedding's gradient shares, summed on its
+    # table (16 rows < 32 tokens)
     assert r["counted"]["all_reduce"]["calls"] == 9
+    assert r["counted"]["all_reduce"]["bytes"] == 1.5 * (8 * 32 + 16) * 128 * 4
     assert {tuple(c[:2]) for c in r["collectives"]} == {("all_reduce", "federation")}
 
 

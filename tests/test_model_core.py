@@ -44,6 +44,14 @@ def test_oracle_equivalence_forward_and_backward(results):
     assert checked >= 3
 
 
+def test_embedding_sums_its_gradient_on_the_smaller_tensor(results):
+    """The oracle gradients above cover both ways an untied embedding sums its shares: the
+    table's gradient (V = 32 rows < 64 tokens at (1,4,1)) and the tokens' (32 at (1,2,2))."""
+    ways = {name: r["embedding_sum"] for name, r in results.items() if name.startswith("foe:")}
+    if "foe:1,4,1" in ways:
+        assert ways["foe:1,4,1"] == "table" and ways["foe:1,2,2"] == "tokens", ways
+
+
 def test_two_level_sum_ran_where_clusters_share_nodes(results):
     """On 2 nodes x 2 ranks, (1,4,1) puts two clusters of each federation on a node: its
     sums (checked against the oracle above) are two-level; the others stay flat."""
@@ -76,7 +84,7 @@ def test_split_head_costs_what_the_baseline_does(results):
             clusters = int(name.split(",")[1])
             foe, moe = r["head_foe"], r["head_moe"]
             assert foe["output_macs"] == moe["output_macs"], (name, foe, moe)
-            d, vocab = 32, 64
+            d, vocab = 32, 32
             assert moe["outside_layers_numel"] == 2 * vocab * d + d
             assert foe["outside_layers_numel"] == vocab * d + vocab * d // clusters + d, name
             checked += 1

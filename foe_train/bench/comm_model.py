@@ -4,7 +4,8 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
 (every rank sends each expert-rank the same number of token copies):
 - FoE federated sum: a ring all-reduce of T*d*b over C clusters sends 2*(C-1)/C*T*d*b; once per
   layer plus once after the last (post_attention), or twice per layer (post_attention_and_moe).
-  Backward: the same count (every sum but the last, plus the embedded tokens' gradient). With m
+  Backward: every sum but the last, and the embedding's gradient shares once (of min(T, V)
+  rows untied: the tokens' gradient or the table's, whichever is smaller). With m
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
   node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
   all-gather inside the node, when T*d*b is at least parallel.two_level_min_bytes (else flat).
@@ -30,7 +31,7 @@ from fractions import Fraction
 from pydantic import BaseModel, ConfigDict, Field
 
 from foe_train.config import ModelConfig, ParallelConfig, cluster_topk
-from foe_train.topology import Grid, consecutive_nodes, token_dispatcher
+from foe_train.topology import Grid, consecutive_nodes, embedding_sum_rows, token_dispatcher
 
 PROB_BYTES = 4
 COUNT_BYTES = 8
@@ -62,15 +63,16 @@ def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
     return ((calls * link.latency) ** p + transfer**p) ** (1 / p)
 
 
-def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int]:
-    """(sums of the layers, sums of the split head) an FoE federation of C > 1 clusters makes
-    in one pass. Layers: n + 1 (post_attention) or 2n forward; backward, every sum but the
-    last adds up its gradient shares, and the embedded tokens' gradient is summed once. Head:
-    the output layer's input gradient backward and a tied (hence split) embedding's rows
-    forward."""
+def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int, int]:
+    """(sums of the layers, of the embedding, of the split head) an FoE federation of C > 1
+    clusters makes in one pass. Layers: n + 1 (post_attention) or 2n forward, and backward
+    every sum but the last adds up its gradient shares. Embedding: one backward sum of its
+    gradient shares (``embedding_sum_rows`` rows untied, the tokens' if tied). Head: the
+    output layer's input gradient backward and a tied (hence split) embedding's rows forward."""
     n = model.num_layers
     forward = n + 1 if model.residual_sync == "post_attention" else 2 * n
-    return forward * (1 + int(backward)), int(backward) + int(not model.untie_embeddings)
+    tied = int(not model.untie_embeddings)
+    return forward + (forward - 1) * backward, int(backward), int(backward) + tied
 
 
 def _ring(n: int, nbytes: int) -> Fraction:
@@ -96,21 +98,29 @@ def _rank_traffic(
         P, k, E = L, cluster_topk(model, C), model.num_experts // C
         ep_group = grid.group("cluster_ep", rank)
         if C > 1:
-            sums, head_sums = federated_sums(model, backward)
+            sums, embedding_sums, head_sums = federated_sums(model, backward)
             federation = grid.group("federation", rank)
             successor = federation[(federation.index(rank) + 1) % C]
-            nbytes = _ring(C, tokens * d * elem_bytes)
-            flat_cross = nbytes if node(successor) != node(rank) else 0 * nbytes
-            add("all_reduce", head_sums, nbytes, flat_cross)
+            on_ring = node(successor) != node(rank)
             local, cross = grid.federation_levels()
-            if local and tokens * d * elem_bytes >= grid.two_level_min_bytes:
+
+            def federated(calls: int, elements: int) -> None:
+                nbytes = _ring(C, elements * elem_bytes)
+                if not (local and elements * elem_bytes >= grid.two_level_min_bytes):
+                    add("all_reduce", calls, nbytes, nbytes if on_ring else 0 * nbytes)
+                    return
                 m, spanned = len(local[0]), len(cross[0])
-                part = Fraction(-(-tokens * d // m) * elem_bytes)
-                add("reduce_scatter", sums, (m - 1) * part, 0 * part)
-                add("all_reduce", sums, _ring(spanned, part), _ring(spanned, part))
-                add("all_gather", sums, (m - 1) * part, 0 * part)
-            else:
-                add("all_reduce", sums, nbytes, flat_cross)
+                part = Fraction(-(-elements // m) * elem_bytes)
+                add("reduce_scatter", calls, (m - 1) * part, 0 * part)
+                add("all_reduce", calls, _ring(spanned, part), _ring(spanned, part))
+                add("all_gather", calls, (m - 1) * part, 0 * part)
+
+            head = _ring(C, tokens * d * elem_bytes)
+            add("all_reduce", head_sums, head, head if on_ring else 0 * head)
+            federated(sums, tokens * d)
+            rows = embedding_sum_rows(tokens, model.vocab_size) if model.untie_embeddings \
+                else tokens
+            federated(embedding_sums, rows * d)
     else:
         P = grid.expert_parallel
         k, E = model.moe_router_topk, model.num_experts

@@ -32,7 +32,13 @@ from foe_train.config import ModelConfig, cluster_topk
 from foe_train.model.attention import SDPAttention
 from foe_train.model.balanced_router import BalancedTopKRouter
 from foe_train.model.federation import Federation
-from foe_train.model.head import keep_logits_split, mark_vocab_shards, vocab_shard
+from foe_train.model.head import (
+    FederatedEmbedding,
+    keep_logits_split,
+    mark_vocab_shards,
+    sum_embedded_shares,
+    vocab_shard,
+)
 from foe_train.model.layer import FoELayer
 from foe_train.topology import Topology, token_dispatcher
 
@@ -120,6 +126,11 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> M
     return spec
 
 
+def federation(topo: Topology) -> Federation:
+    """This rank's federation (its groups and the two-level threshold)."""
+    return Federation(*topo.federation_groups(), two_level_min_bytes=topo.grid.two_level_min_bytes)
+
+
 def block_spec(
     model: ModelConfig, topo: Topology, dtype: torch.dtype, recompute: bool = False,
     backend: str = "local",
@@ -134,8 +145,7 @@ def block_spec(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
-        "federation": Federation(*topo.federation_groups(),
-                                 two_level_min_bytes=topo.grid.two_level_min_bytes),
+        "federation": federation(topo),
         "residual_sync": model.residual_sync,
     }
     specs = []
@@ -170,11 +180,17 @@ def build_model(
         share_embeddings_and_output_weights=not model.untie_embeddings,
         pg_collection=topo.model_pg_collection(),
     )
-    if topo.kind == "foe" and not gpt.share_embeddings_and_output_weights:
+    if topo.kind == "foe" and gpt.share_embeddings_and_output_weights:
+        sum_embedded_shares(gpt.embedding, federation(topo))
+    elif topo.kind == "foe":
         # the lookup stays whole on every cluster (model.head); only the output layer splits
         gpt.embedding = LanguageModelEmbedding(
             config=config, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
             position_embedding_type="rope", tp_group=topo.groups["single"],
+        )
+        gpt.embedding.word_embeddings = FederatedEmbedding(
+            model.vocab_size, model.hidden_size, init_method=config.init_method, config=config,
+            tp_group=topo.groups["single"], federation=federation(topo),
         )
     mark_vocab_shards(gpt)
     init_weights(gpt, model, topo, seed)

@@ -12,11 +12,11 @@ share of it (what its cluster-local work contributes), and the true gradient is 
 the federation. Cluster-local uses of the residual then need no communication in backward; a
 federated sum adds the shares up once, where the true gradient is needed: for the summed
 contributions (``federated_sum``: forward sum, backward sum). Two boundaries turn shares into
-the true gradient and back: the embedded tokens entering the first layer (``copy_to_federation``:
-forward identity, backward sum, so the embedding's weights get the true gradient) and the head,
-whose column-parallel output layer sums its input's gradient as megatron does over a
-tensor-parallel group; the model's last sum (``last_federated_sum``) therefore receives the true
-gradient and hands the residual its share on one member only. One backward sum per layer
+the true gradient: the embedding (``model.head``: it sums the shares over the federation, of
+the tokens' gradient or of its table's, whichever is smaller) and the head, whose
+column-parallel output layer sums its input's gradient as megatron does over a tensor-parallel
+group; the model's last sum (``last_federated_sum``) therefore receives the true gradient and
+hands the residual its share on one member only. One backward sum per layer
 instead of megatron's pair (a backward sum at every entry into cluster work, two per layer).
 """
 
@@ -118,5 +118,6 @@ def last_federated_sum(h: torch.Tensor, x: torch.Tensor, fed: Federation) -> tor
 
 
 def copy_to_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:
-    """Forward: identity; backward: the sum of the gradient shares (the embedded tokens)."""
+    """Forward: identity; backward: the sum of the gradient shares (a split embedding's
+    tokens)."""
     return _Copy.apply(x, fed)

@@ -5,9 +5,12 @@ output layer). Each cluster holds V/C rows of the output weights and computes V/
 
 The input embedding is a lookup, free in FLOPs: split over the vocabulary it would cost a
 federated sum of the embedded tokens every forward pass (a quarter of the forward
-communication of a 2-layer model), so an untied embedding stays whole on every cluster (its
-gradients are identical there, as the first layer's federated copy sums them). A tied embedding
-is the output weight and is split with it.
+communication of a 2-layer model), so an untied embedding stays whole on every cluster
+(``FederatedEmbedding``). The clusters hand it gradient shares (``model.federation``), which it
+sums over the federation on the smaller of two tensors: the embedded tokens' gradient (T rows)
+or the table's (V rows), so every cluster's copy gets the same, true gradient. A tied embedding
+is the output weight and is split with it; its tokens' gradient shares are summed
+(``sum_embedded_shares``).
 
 The helpers take this rank's vocabulary shard of the logits ``[..., V/C]`` and the group it is
 split over (a singleton group for the baseline, which is then the ordinary full-vocab case).
@@ -20,7 +23,55 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
 from megatron.core.tensor_parallel.utils import VocabUtility
+
+from foe_train.model.federation import Federation, copy_to_federation
+from foe_train.topology import embedding_sum_rows
+
+
+class _Lookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tokens: torch.Tensor, weight: torch.Tensor,
+                fed: Federation) -> torch.Tensor:
+        ctx.save_for_backward(tokens)
+        ctx.fed, ctx.rows = fed, weight.shape[0]
+        return torch.nn.functional.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (tokens,) = ctx.saved_tensors
+        by_tokens = embedding_sum_rows(tokens.numel(), ctx.rows) == tokens.numel()
+        if by_tokens:
+            grad = ctx.fed.all_reduce(grad)
+        table = torch.ops.aten.embedding_dense_backward(grad, tokens, ctx.rows, -1, False)
+        if not by_tokens:
+            table = ctx.fed.all_reduce(table, inplace=True)
+        return None, table, None
+
+
+class FederatedEmbedding(VocabParallelEmbedding):
+    """The whole (untied) embedding table on every cluster of a federation, whose lookup's
+    backward sums the clusters' gradient shares over the federation (module docstring)."""
+
+    def __init__(self, *args: Any, federation: Federation, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if dist.get_world_size(self.tp_group) != 1:
+            raise ValueError("FederatedEmbedding holds the whole table: give it a 1-rank tp_group")
+        self.federation = federation
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return _Lookup.apply(input_, self.weight, self.federation)
+
+
+def sum_embedded_shares(embedding: torch.nn.Module, fed: Federation) -> None:
+    """A split (tied) embedding's output enters the first layer through ``copy_to_federation``,
+    so the tokens' gradient shares are summed before its rows take their gradient."""
+
+    def copy(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return copy_to_federation(output, fed)
+
+    embedding.register_forward_hook(copy)
 
 
 def mark_vocab_shards(gpt: torch.nn.Module) -> None:

@@ -22,12 +22,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from foe_train.model.federation import (
-    Federation,
-    copy_to_federation,
-    federated_sum,
-    last_federated_sum,
-)
+from foe_train.model.federation import Federation, federated_sum, last_federated_sum
 
 
 class FoELayer(TransformerLayer):
@@ -86,8 +81,6 @@ class FoELayer(TransformerLayer):
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
         d = self.config.hidden_size
         fed = self.federation
-        if self.layer_number == 1:
-            hidden_states = copy_to_federation(hidden_states, fed)
         if self.residual_sync == "post_attention_and_moe":
             h = hidden_states + federated_sum(self._attention(hidden_states, kwargs), fed)
             return self._fold(h, self._mlp(h, kwargs)), None

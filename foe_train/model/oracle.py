@@ -126,7 +126,8 @@ class Cluster(nn.Module):
 
 class ReferenceFoE(nn.Module):
     """FoE GPT with C clusters per layer; C=1 is the stock megatron MoE GPT (pre-norm, RoPE,
-    untied output). Weights are initialised N(0, init_method_std) but meant to be loaded."""
+    output tied to the embedding unless untie_embeddings). Weights are initialised
+    N(0, init_method_std) but meant to be loaded."""
 
     def __init__(self, model: ModelConfig, clusters: int, cluster_topk: int, residual_sync: str):
         super().__init__()
@@ -135,8 +136,8 @@ class ReferenceFoE(nn.Module):
             raise ValueError(f"residual_sync: unknown mode {residual_sync!r}")
         if m.num_query_groups % c or m.num_experts % c or m.ffn_hidden_size % c:
             raise ValueError("clusters must divide num_query_groups, num_experts, ffn_hidden_size")
-        if not (m.swiglu and m.untie_embeddings) or m.balanced_routing:
-            raise ValueError("oracle models swiglu, untied embeddings, learned routing only")
+        if not m.swiglu or m.balanced_routing:
+            raise ValueError("oracle models swiglu and learned routing only")
         if not 0 < cluster_topk <= m.num_experts // c:
             raise ValueError(f"cluster_topk={cluster_topk} must be in [1, num_experts/clusters]")
         self.residual_sync = residual_sync
@@ -150,6 +151,10 @@ class ReferenceFoE(nn.Module):
         for name, p in self.named_parameters():
             if "layernorm" not in name:
                 nn.init.normal_(p, std=m.init_method_std)
+        self.shared_keys = dict(SHARED_KEYS)
+        if not m.untie_embeddings:  # megatron's tied output layer has no weight of its own
+            self.output_layer.weight = self.embedding.weight
+            del self.shared_keys["output_layer.weight"]
 
     def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
         h = self.embedding(tokens)
@@ -167,7 +172,7 @@ class ReferenceFoE(nn.Module):
 
     def _cluster_params(self, c: int) -> dict[str, nn.Parameter]:
         """Megatron key -> our parameter for cluster c (shared params in every cluster)."""
-        own = {key: self.get_parameter(name) for key, name in SHARED_KEYS.items()}
+        own = {key: self.get_parameter(name) for key, name in self.shared_keys.items()}
         for i, layer in enumerate(self.layers):
             for name, p in layer[c].named_parameters():
                 own[f"decoder.layers.{i}.{name}"] = p
@@ -186,7 +191,8 @@ class ReferenceFoE(nn.Module):
                     raise KeyError(f"cluster {c}: megatron state dict lacks {key}")
                 if sd[key].shape != p.shape:
                     raise ValueError(f"cluster {c}: {key} {tuple(sd[key].shape)} != {p.shape}")
-                if key in SHARED_KEYS and not torch.equal(sd[key], cluster_state_dicts[0][key]):
+                shared = key in self.shared_keys
+                if shared and not torch.equal(sd[key], cluster_state_dicts[0][key]):
                     raise ValueError(f"cluster {c}: shared {key} differs from cluster 0")
                 todo.append((p, sd[key]))
         for p, value in todo:
