@@ -79,6 +79,12 @@ class ParallelConfig(_Section):
     # bytes cross nodes, three calls); a smaller one, such as a decode step's, is one flat
     # all-reduce, since its time is the calls' latency. Any size: 0 (tests of the path).
     two_level_min_bytes: int = Field(default=512 * 1024, ge=0)
+    # Inference (no gradients) with at least two sequences per rank: a layer whose federated
+    # sum has at least this many bytes runs on two halves of the batch, so that one half's sum
+    # travels while the other half computes. Smaller sums (decode steps) run whole, since
+    # halving doubles their calls. Never: a value above any sum; always: 0. CPU (gloo) only:
+    # on CUDA layers sum whole batches.
+    overlap_min_bytes: int = Field(default=512 * 1024, ge=0)
 
     @property
     def world_size(self) -> int:

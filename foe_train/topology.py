@@ -107,6 +107,7 @@ class Grid:
     ranks_per_cluster: int = 1
     expert_parallel: int = 1
     two_level_min_bytes: int = 0  # parallel.two_level_min_bytes: smaller sums stay flat
+    overlap_min_bytes: int | None = None  # parallel.overlap_min_bytes (None: never)
 
     @classmethod
     def of(cls, kind: str, parallel: ParallelConfig, world_size: int,
@@ -115,7 +116,8 @@ class Grid:
         nodes = tuple(int(n) for n in node_of_rank)
         if kind == "foe":
             D, C, L = parallel.data, parallel.clusters, parallel.ranks_per_cluster
-            return cls("foe", world_size, nodes, D, C, L, L, parallel.two_level_min_bytes)
+            return cls("foe", world_size, nodes, D, C, L, L, parallel.two_level_min_bytes,
+                       parallel.overlap_min_bytes)
         return cls("moe", world_size, nodes,
                    expert_parallel=expert_parallel_size(parallel, world_size))
 

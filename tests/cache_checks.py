@@ -24,6 +24,7 @@ from foe_train.infer.generate import (
 )
 from foe_train.model import head
 from foe_train.model.builder import build_model
+from foe_train.model.federation import Federation
 from foe_train.runtime import init_distributed
 from foe_train.topology import Topology, build_topology
 from tests import dist_checks
@@ -103,6 +104,38 @@ def generation_check(model: GPTModel, topo: Topology) -> dict:
     }
 
 
+def overlap_check(model: GPTModel, cfg: RecipeConfig, topo: Topology) -> dict:
+    """The same weights with every federated sum of a batch of two or more sequences split in
+    halves and overlapped (parallel.overlap_min_bytes = 0): cached decoding, the full forward
+    and greedy generation against the model that sums whole batches."""
+    cfg = RecipeConfig.model_validate({"model": cfg.model.model_dump(), "parallel": {
+        **cfg.parallel.model_dump(), "overlap_min_bytes": 0}})
+    halved = build_model(cfg.model, build_topology(cfg.model, cfg.parallel), seed=cfg.seed)
+    halved.eval()
+    started = []
+    start_sum = Federation.start_sum
+    Federation.start_sum = lambda fed, x: started.append(x.shape) or start_sum(fed, x)
+    try:
+        cache = cache_check(halved, topo)
+        gen = torch.Generator().manual_seed(2)
+        data = torch.randint(0, TINY["vocab_size"], (SEQUENCES, LENGTH), generator=gen)
+        seq = data[shard_prompts([[0]] * SEQUENCES, topo)]
+        with torch.no_grad():
+            full_rel = _rel(_full_last(halved, seq), _full_last(model, seq))
+        prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist()
+                   for n in PROMPT_LENGTHS]
+        same_greedy = (generate(halved, topo, prompts, NEW_TOKENS)
+                       == generate(model, topo, prompts, NEW_TOKENS))
+    finally:
+        Federation.start_sum = start_sum
+    per_rank = _everyone({"errors": cache["errors"], "full_rel": full_rel,
+                          "halves": len(started), "same_greedy": same_greedy}, topo)
+    return {"max_rel_error": max(max(r["errors"]) for r in per_rank),
+            "full_rel": max(r["full_rel"] for r in per_rank),
+            "halves_summed": min(r["halves"] for r in per_rank),
+            "same_greedy": all(r["same_greedy"] for r in per_rank)}
+
+
 def check(kind: str, parallel: dict, mode: str | None) -> dict:
     model_cfg = dict(TINY, kind=kind, **({"residual_sync": mode} if mode else {}))
     cfg = RecipeConfig.model_validate({"model": model_cfg, "parallel": parallel})
@@ -116,6 +149,8 @@ def check(kind: str, parallel: dict, mode: str | None) -> dict:
     out["steps_checked"] = len(cache["errors"])
     out["cache_shapes"] = [r["cache_shapes"] for r in per_rank]
     out["local_batch"] = [r["local_batch"] for r in per_rank]
+    if kind == "foe" and mode == "post_attention":
+        out["overlap"] = overlap_check(model, cfg, topo)
     return out
 
 

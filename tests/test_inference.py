@@ -61,6 +61,21 @@ def test_cached_decoding_matches_full_recompute(results):
         assert r["max_rel_error"] <= 1e-5, (name, mode, r["max_rel_error"])
 
 
+def test_overlapped_halves_compute_what_whole_batches_do(results):
+    """parallel.overlap_min_bytes = 0: every layer of a batch of two or more sequences runs on
+    two halves, each half's federated sum started on the sending thread; the logits, the
+    cached decoding and greedy generation are those of whole-batch sums."""
+    checked = 0
+    for name, mode, r in _all(results):
+        if name.startswith("foe:") and name != "foe:1,1,1" and mode == "post_attention":
+            o = r["overlap"]
+            assert o["halves_summed"] > 0, name
+            assert o["full_rel"] <= 1e-5 and o["max_rel_error"] <= 1e-5, (name, o)
+            assert o["same_greedy"], name
+            checked += 1
+    assert checked == 3
+
+
 def test_foe_cluster_caches_only_its_kv_heads(results):
     groups = TINY["num_query_groups"]
     head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]

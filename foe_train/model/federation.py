@@ -7,6 +7,10 @@ among the members with the same local index, all-gather inside the node. Each no
 m members of a node share that traffic. It takes three calls instead of one, so a sum smaller
 than ``two_level_min_bytes`` (parallel.two_level_min_bytes: a decode step's) stays flat.
 
+A sum can also be started and waited for later (``start_sum``): it then runs on the
+federation's sending thread while the caller computes, which is how an inference layer hides
+one half of its batch's sum behind the other half's work (``model.layer``).
+
 Autograd keeps the replicated residual's gradient in shares: each cluster holds its own
 share of it (what its cluster-local work contributes), and the true gradient is their sum over
 the federation. Cluster-local uses of the residual then need no communication in backward; a
@@ -23,7 +27,9 @@ instead of megatron's pair (a backward sum at every entry into cluster work, two
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -45,10 +51,28 @@ class Federation:
     local: dist.ProcessGroup | None = None
     cross: dist.ProcessGroup | None = None
     two_level_min_bytes: int = 0
+    overlap_min_bytes: int | None = None
 
     @property
     def two_level(self) -> bool:
         return self.local is not None
+
+    def overlaps(self, nbytes: int) -> bool:
+        """Whether a sum of ``nbytes`` is worth hiding behind other work
+        (parallel.overlap_min_bytes) in a federation of several members."""
+        return (self.overlap_min_bytes is not None and dist.get_world_size(self.group) > 1
+                and nbytes >= self.overlap_min_bytes)
+
+    @cached_property
+    def _sender(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="federated-sum")
+
+    def start_sum(self, x: torch.Tensor) -> Future:
+        """The federated sum of ``x`` (consumed), started on the federation's one sending
+        thread; ``.result()`` waits for it. Sums run one at a time in the order started, so
+        every member issues the same collectives in the same order; meanwhile the caller must
+        not sum over this federation itself."""
+        return self._sender.submit(self.all_reduce, x, True)
 
     def all_reduce(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The sum over the federation of ``x``; ``inplace`` lets the flat sum reuse x's

@@ -15,6 +15,8 @@ see ordinary [s, b, d] tensors at their boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,30 +81,82 @@ class FoELayer(TransformerLayer):
         return out if bias is None else out + bias
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        d = self.config.hidden_size
         fed = self.federation
         if self.residual_sync == "post_attention_and_moe":
             h = hidden_states + federated_sum(self._attention(hidden_states, kwargs), fed)
             return self._fold(h, self._mlp(h, kwargs)), None
-
-        if hidden_states.shape[-1] == 2 * d:
-            # split, not two slices: backward then writes both gradients into one [s, b, 2d]
-            # tensor instead of zero-filling and adding two
-            h, pending = hidden_states.split(d, dim=-1)
-        else:
-            h, pending = hidden_states, None
-        stream = h if pending is None else h + pending
-        delta = self._attention(stream, kwargs)
-        if pending is not None:
-            delta = delta + pending
-        h = h + federated_sum(delta, fed)
+        if self._overlapped(hidden_states):
+            return self._overlapped_forward(hidden_states, kwargs), None
+        h, pending = self._unpack(hidden_states)
+        h = h + federated_sum(self._delta(h, pending, kwargs), fed)
         moe_out = self._mlp(h, kwargs)
         if self.is_last:
             return self._fold(h, moe_out), None
         return torch.cat([h, moe_out], dim=-1), None
+
+    def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h, pending m_c) of the carried state; layer 0 receives h alone."""
+        d = self.config.hidden_size
+        if x.shape[-1] == d:
+            return x, None
+        # split, not two slices: backward then writes both gradients into one [s, b, 2d]
+        # tensor instead of zero-filling and adding two
+        h, pending = x.split(d, dim=-1)
+        return h, pending
+
+    def _delta(self, h: torch.Tensor, pending: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """This cluster's contribution to the federated sum: m_c + Attn_c(LN1_c(h + m_c))."""
+        if pending is None:
+            return self._attention(h, kwargs)
+        return self._attention(h + pending, kwargs) + pending
 
     def _fold(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """h + the federated sum of a cluster output; the model's last sum feeds the head."""
         if self.is_last:
             return last_federated_sum(h, out, self.federation)
         return h + federated_sum(out, self.federation)
+
+    def _overlapped(self, hidden_states: torch.Tensor) -> bool:
+        # on CUDA the sum would need a stream of its own to run beside the compute: not built
+        s, b = hidden_states.shape[:2]
+        summed = s * b * self.config.hidden_size * hidden_states.element_size()
+        return (not torch.is_grad_enabled() and not hidden_states.is_cuda and b > 1
+                and self.federation.overlaps(summed))
+
+    def _overlapped_forward(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The layer on two halves of the batch (inference, parallel.overlap_min_bytes): the
+        first half's federated sum travels while the second half's attention runs, the second
+        half's while the first half's MoE runs (and in the last layer the first half's fold
+        while the second half's MoE runs)."""
+        fed = self.federation
+        context = kwargs.get("inference_context")
+        halves, start = [], 0
+        for part in hidden_states.tensor_split(2, dim=1):
+            h, pending = self._unpack(part)
+            with _batch_offset(context, start):
+                halves.append((h, fed.start_sum(self._delta(h, pending, kwargs))))
+            start += part.shape[1]
+        outs = []
+        for h, summed in halves:
+            h = h + summed.result()
+            moe_out = self._mlp(h, kwargs)
+            outs.append((h, fed.start_sum(moe_out)) if self.is_last
+                        else torch.cat([h, moe_out], dim=-1))
+        if self.is_last:
+            outs = [h + summed.result() for h, summed in outs]
+        return torch.cat(outs, dim=1)
+
+
+@contextmanager
+def _batch_offset(context: Any, start: int) -> Iterator[None]:
+    """megatron's static KV cache writes a call's sequences from ``batch_size_offset`` on: a
+    half of the batch starting at ``start`` must land in its own rows."""
+    if context is None:
+        yield
+        return
+    before = context.batch_size_offset
+    context.batch_size_offset = before + start
+    try:
+        yield
+    finally:
+        context.batch_size_offset = before
