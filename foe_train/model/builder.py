@@ -127,7 +127,8 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> M
 
 
 def federation(topo: Topology) -> Federation:
-    """This rank's federation (its groups and the two-level threshold)."""
+    """This rank's federation: its groups and the parallel section's two-level and overlap
+    thresholds."""
     return Federation(*topo.federation_groups(), two_level_min_bytes=topo.grid.two_level_min_bytes,
                       overlap_min_bytes=topo.grid.overlap_min_bytes)
 

@@ -2,10 +2,11 @@
 
 A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
 G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
-the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums,
+the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums
 (``model.federation``, flat or two-level), whose backward keeps the replicated residual's
 gradient in per-cluster shares: one backward sum per federated sum and none where the residual
-enters cluster work.
+enters cluster work. In inference a large enough sum is hidden behind compute by running the
+layer on two halves of the batch (``_overlapped_forward``).
 
 In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers; it
 travels concatenated to the residual as a [s, b, 2d] hidden state. Layer 0 receives [s, b, d]
