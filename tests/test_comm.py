@@ -69,10 +69,11 @@ def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     assert kinds[("all_gather_into_tensor", "federation_local")] is False
     assert kinds[("all_reduce", "federation_cross")] is True
     # per node, each two-level sum sends 2(N-1)/N * T*d*b across nodes (N = 2 nodes,
-    # T = 32 tokens, d = 128, b = 4): 3 sums forward (2 layers + the fold), 3 backward (the
-    # layers' attention sums and the embedded tokens' gradient; the fold's needs none)
+    # T = 32 tokens, d = 128, b = 4): 3 sums forward (2 layers + the fold), 4 backward (the
+    # layers' attention sums, the output layer's input and the embedded tokens' gradients;
+    # the fold's needs none)
     per_node = 2 * r["by_kind"]["all_reduce@federation_cross"]["cross_node_bytes"]
-    assert per_node == 6 * 32 * 128 * 4 * 2 * (2 - 1) // 2
+    assert per_node == 7 * 32 * 128 * 4 * 2 * (2 - 1) // 2
     assert r["by_kind"]["reduce_scatter@federation_local"]["cross_node_bytes"] == 0
 
 

@@ -9,8 +9,8 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
   node ((m-1)/m*T*d*b), a ring all-reduce of the 1/m slice among N nodes (all of it crossing),
   all-gather inside the node, when T*d*b is at least parallel.two_level_min_bytes (else flat).
-  The split output layer adds one flat sum backward (its input gradient), and a tied
-  embedding, split with it, one forward.
+  The split output layer adds one sum backward (its input gradient), and a tied embedding,
+  split with it, one flat sum forward (megatron's).
 - All-to-all over P expert ranks on N nodes (FoE: P = L inside one node): dispatch and combine
   each send T*k*d*b*(P-1)/P; megatron's dispatcher also sends the routing probabilities
   (T*k*4*(P-1)/P, float32) and all-gathers each rank's per-expert token counts (E*8 bytes).
@@ -64,15 +64,15 @@ def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
 
 
 def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int, int]:
-    """(sums of the layers, of the embedding, of the split head) an FoE federation of C > 1
-    clusters makes in one pass. Layers: n + 1 (post_attention) or 2n forward, and backward
-    every sum but the last adds up its gradient shares. Embedding: one backward sum of its
-    gradient shares (``embedding_sum_rows`` rows untied, the tokens' if tied). Head: the
-    output layer's input gradient backward and a tied (hence split) embedding's rows forward."""
+    """(sums of T·d, sums of the embedding's gradient, flat sums) an FoE federation of C > 1
+    clusters makes in one pass. Sums of T·d: the layers' n + 1 (post_attention) or 2n forward;
+    backward every one but the last adds up its gradient shares, and the split output layer's
+    input gradient is summed. Embedding: one backward sum of its gradient shares
+    (``embedding_sum_rows`` rows untied, the tokens' if tied). Flat: megatron's own sum of a
+    tied (hence split) embedding's rows forward."""
     n = model.num_layers
     forward = n + 1 if model.residual_sync == "post_attention" else 2 * n
-    tied = int(not model.untie_embeddings)
-    return forward + (forward - 1) * backward, int(backward), int(backward) + tied
+    return forward + forward * backward, int(backward), int(not model.untie_embeddings)
 
 
 def _ring(n: int, nbytes: int) -> Fraction:
@@ -98,7 +98,7 @@ def _rank_traffic(
         P, k, E = L, cluster_topk(model, C), model.num_experts // C
         ep_group = grid.group("cluster_ep", rank)
         if C > 1:
-            sums, embedding_sums, head_sums = federated_sums(model, backward)
+            sums, embedding_sums, flat_sums = federated_sums(model, backward)
             federation = grid.group("federation", rank)
             successor = federation[(federation.index(rank) + 1) % C]
             on_ring = node(successor) != node(rank)
@@ -115,8 +115,8 @@ def _rank_traffic(
                 add("all_reduce", calls, _ring(spanned, part), _ring(spanned, part))
                 add("all_gather", calls, (m - 1) * part, 0 * part)
 
-            head = _ring(C, tokens * d * elem_bytes)
-            add("all_reduce", head_sums, head, head if on_ring else 0 * head)
+            flat = _ring(C, tokens * d * elem_bytes)
+            add("all_reduce", flat_sums, flat, flat if on_ring else 0 * flat)
             federated(sums, tokens * d)
             rows = embedding_sum_rows(tokens, model.vocab_size) if model.untie_embeddings \
                 else tokens

@@ -37,6 +37,7 @@ from foe_train.model.head import (
     keep_logits_split,
     mark_vocab_shards,
     sum_embedded_shares,
+    sum_head_input_shares,
     vocab_shard,
 )
 from foe_train.model.layer import FoELayer
@@ -182,6 +183,8 @@ def build_model(
         share_embeddings_and_output_weights=not model.untie_embeddings,
         pg_collection=topo.model_pg_collection(),
     )
+    if topo.kind == "foe":
+        sum_head_input_shares(gpt.output_layer, federation(topo))
     if topo.kind == "foe" and gpt.share_embeddings_and_output_weights:
         sum_embedded_shares(gpt.embedding, federation(topo))
     elif topo.kind == "foe":

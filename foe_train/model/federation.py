@@ -17,10 +17,10 @@ the federation. Cluster-local uses of the residual then need no communication in
 federated sum adds the shares up once, where the true gradient is needed: for the summed
 contributions (``federated_sum``: forward sum, backward sum). Two boundaries turn shares into
 the true gradient: the embedding (``model.head``: it sums the shares over the federation, of
-the tokens' gradient or of its table's, whichever is smaller) and the head, whose
-column-parallel output layer sums its input's gradient as megatron does over a tensor-parallel
-group; the model's last sum (``last_federated_sum``) therefore receives the true gradient and
-hands the residual its share on one member only. One backward sum per layer
+the tokens' gradient or of its table's, whichever is smaller) and the head, whose input's
+gradient shares (one per cluster's vocabulary rows) are summed too (``model.head``); the
+model's last sum (``last_federated_sum``) therefore receives the true gradient and hands the
+residual its share on one member only. One backward sum per layer
 instead of megatron's pair (a backward sum at every entry into cluster work, two per layer).
 """
 

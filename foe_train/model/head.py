@@ -64,6 +64,20 @@ class FederatedEmbedding(VocabParallelEmbedding):
         return _Lookup.apply(input_, self.weight, self.federation)
 
 
+def sum_head_input_shares(output_layer: torch.nn.Module, fed: Federation) -> None:
+    """Each cluster's V/C rows of the output layer give a share of its input's gradient.
+    megatron's column-parallel layer would sum them with a flat all-reduce over its group;
+    here the federation sums them (two-level where clusters share nodes, ``model.federation``),
+    so the residual's last sum receives the true gradient."""
+    output_layer.allreduce_dgrad = False
+    output_layer.disable_grad_reduce = True
+
+    def copy(module: torch.nn.Module, args: tuple) -> tuple:
+        return (copy_to_federation(args[0], fed), *args[1:])
+
+    output_layer.register_forward_pre_hook(copy)
+
+
 def sum_embedded_shares(embedding: torch.nn.Module, fed: Federation) -> None:
     """A split (tied) embedding's output enters the first layer through ``copy_to_federation``,
     so the tokens' gradient shares are summed before its rows take their gradient."""
