@@ -129,6 +129,9 @@ class FoELayer(TransformerLayer):
         first half's federated sum travels while the second half's attention runs, the second
         half's while the first half's MoE runs (and in the last layer the first half's fold
         while the second half's MoE runs)."""
+        # With L > 1 the MoE's calls go to the cluster's other ranks, which serve other token
+        # shards: they halve alike because every inference entry point gives all shards the
+        # same batch (generate pads the shares, foe-bench latency and evaluation split evenly).
         fed = self.federation
         context = kwargs.get("inference_context")
         halves, start = [], 0
