@@ -127,18 +127,12 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> M
     return spec
 
 
-def federation(topo: Topology) -> Federation:
-    """This rank's federation: its groups and the parallel section's two-level and overlap
-    thresholds."""
-    return Federation(*topo.federation_groups(), two_level_min_bytes=topo.grid.two_level_min_bytes,
-                      overlap_min_bytes=topo.grid.overlap_min_bytes)
-
-
 def block_spec(
     model: ModelConfig, topo: Topology, dtype: torch.dtype, recompute: bool = False,
-    backend: str = "local",
+    backend: str = "local", federation: Federation | None = None,
 ) -> TransformerBlockSubmodules:
-    """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE."""
+    """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE (whose
+    layers sum over ``federation``)."""
     if topo.kind == "moe":
         specs = [_layer_spec(model, i, model.num_experts, backend)
                  for i in range(model.num_layers)]
@@ -148,7 +142,7 @@ def block_spec(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
         ),
         "cluster_pg_collection": topo.cluster_pg_collection(),
-        "federation": federation(topo),
+        "federation": federation,
         "residual_sync": model.residual_sync,
     }
     specs = []
@@ -173,9 +167,15 @@ def build_model(
     model_parallel_cuda_manual_seed(seed, tp_rank=0, ep_rank=ep_rank, etp_rank=0)
     torch.manual_seed(seed)
     config = transformer_config(model, 1, topo.expert_parallel, dtype, recompute, backend)
+    fed = None
+    if topo.kind == "foe":
+        # one per model: its layers, embedding and head share the groups and sending thread
+        fed = Federation(*topo.federation_groups(),
+                         two_level_min_bytes=topo.grid.two_level_min_bytes,
+                         overlap_min_bytes=topo.grid.overlap_min_bytes)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(model, topo, dtype, recompute, backend),
+        transformer_layer_spec=block_spec(model, topo, dtype, recompute, backend, fed),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="rope",
@@ -183,20 +183,20 @@ def build_model(
         share_embeddings_and_output_weights=not model.untie_embeddings,
         pg_collection=topo.model_pg_collection(),
     )
-    if topo.kind == "foe":
-        sum_head_input_shares(gpt.output_layer, federation(topo))
-    if topo.kind == "foe" and gpt.share_embeddings_and_output_weights:
-        sum_embedded_shares(gpt.embedding, federation(topo))
-    elif topo.kind == "foe":
-        # the lookup stays whole on every cluster (model.head); only the output layer splits
-        gpt.embedding = LanguageModelEmbedding(
-            config=config, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
-            position_embedding_type="rope", tp_group=topo.groups["single"],
-        )
-        gpt.embedding.word_embeddings = FederatedEmbedding(
-            model.vocab_size, model.hidden_size, init_method=config.init_method, config=config,
-            tp_group=topo.groups["single"], federation=federation(topo),
-        )
+    if fed is not None:
+        sum_head_input_shares(gpt.output_layer, fed)
+        if gpt.share_embeddings_and_output_weights:
+            sum_embedded_shares(gpt.embedding, fed)
+        else:
+            # the lookup stays whole on every cluster (model.head); only the output layer splits
+            gpt.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=model.vocab_size, max_sequence_length=model.seq_length,
+                position_embedding_type="rope", tp_group=topo.groups["single"],
+            )
+            gpt.embedding.word_embeddings = FederatedEmbedding(
+                model.vocab_size, model.hidden_size, init_method=config.init_method,
+                config=config, tp_group=topo.groups["single"], federation=fed,
+            )
     mark_vocab_shards(gpt)
     init_weights(gpt, model, topo, seed)
     keep_logits_split(gpt)
