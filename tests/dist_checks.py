@@ -68,8 +68,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def oracle_check(cfg, topo) -> dict:
-    gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=DTYPE)
+def oracle_check(cfg, topo, recompute: bool = False) -> dict:
+    gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=DTYPE, recompute=recompute)
     ddp = wrap_ddp(gpt, topo)
     data = batch()
     loss, logits = loss_and_logits(ddp, on_device(shard(data, topo)))
@@ -193,6 +193,13 @@ def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
         tied = dict(model, residual_sync="post_attention", untie_embeddings=False)
         cfg = RecipeConfig.model_validate({"model": tied, "parallel": cfg.parallel.model_dump()})
         results["tied"] = oracle_check(cfg, build_topology(cfg.model, cfg.parallel))
+        # megatron's activation recompute checkpoints each layer with the pending MoE output
+        # it carries to the next as ``context``
+        untied = dict(model, residual_sync="post_attention")
+        cfg = RecipeConfig.model_validate({"model": untied,
+                                           "parallel": cfg.parallel.model_dump()})
+        results["recompute"] = oracle_check(cfg, build_topology(cfg.model, cfg.parallel),
+                                            recompute=True)
         for other in ("foe", "moe"):
             recipe = {"model": dict(TINY, kind=other), "parallel": parallel}
             cfg = RecipeConfig.model_validate(recipe)

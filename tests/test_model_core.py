@@ -44,6 +44,14 @@ def test_oracle_equivalence_forward_and_backward(results):
     assert checked >= 3
 
 
+def test_activation_recompute_matches_the_oracle(results):
+    """Recomputed layers (training.recompute) carry the pending MoE output between them and
+    still give the oracle's logits and gradients (asserted with the rest above)."""
+    foe = [name for name in results if name.startswith("foe:") and ":" not in name[4:]]
+    checked = [name for name in foe if "logits_rel" in results[name].get("recompute", {})]
+    assert checked == foe and foe
+
+
 def test_embedding_sums_its_gradient_on_the_smaller_tensor(results):
     """The oracle gradients above cover both ways an untied embedding sums its shares: the
     table's gradient (V = 32 rows < 64 tokens at (1,4,1)) and the tokens' (32 at (1,2,2))."""

@@ -61,13 +61,14 @@ def test_an_foe_rank_moves_its_whole_federation_shard():
     # the K/V of 8 keys 2*4*8 = 640 -> 6.4 s; the baseline 256 + 4*(16 + 20*4) + 2*2*4*4 = 704
     assert foe_s["attention"] == pytest.approx(6.4)
     assert moe_s["attention"] == pytest.approx(7.04)
-    # post_attention (the default) carries the pending MoE output: with 2 layers, layer 0:
-    # norms 4d, h + sum 3d, the [s, b, 2d] concatenation 4d; layer 1: norms 4d, s_c = h + m_c
-    # 3d, a_c + m_c 3d, h + sum 3d, the final fold 3d; 3 sums 6d; embedding and norm 4d: 37d
+    # post_attention (the default) carries the pending MoE output and adds the residual inside
+    # the sums (on the first member, the slowest): with 2 layers, layer 0: norms 4d, the term
+    # h + a_c 3d; layer 1: norms 4d, s_c = h + m_c 3d, a_c + s_c 3d, the final fold h + m_c 3d;
+    # 3 sums 6d; embedding and norm 4d: 30d
     two = ModelConfig(kind="foe", num_layers=2, hidden_size=8, num_attention_heads=2,
                       num_query_groups=2, num_experts=4, moe_ffn_hidden_size=4,
                       moe_router_topk=2, vocab_size=16)
-    assert elementwise_elements(two, 2) == 37 * 8
+    assert elementwise_elements(two, 2) == 30 * 8
     assert elementwise_elements(two.model_copy(update={"kind": "moe"}), 1) == (20 + 4) * 8
 
 

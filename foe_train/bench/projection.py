@@ -45,10 +45,12 @@ rank's tokens, h/g/d_h its query heads, KV heads and head dim, f its expert or M
 - experts, per routed copy: fc1 d in, (fc-1)f out; activation (fc-1)f in, f out; fc2 f in, d
   out. The dense MLP the same per token; the output layer d in, V/C logits out;
 - elementwise (memory-bound, no FLOPs counted): two norms (d in, d out) and two residual
-  adds (2d in, d out) per layer, the embedding and final norm once. FoE in post_attention mode
-  also adds the pending MoE output m_c twice per layer after the first (s_c = h + m_c, a_c + m_c),
-  writes and reads the [s, b, 2d] state it carries between layers, and folds m_c in after the
-  last; every federated sum reads d and writes d;
+  adds (2d in, d out) per layer, the embedding and final norm once. FoE adds the residual inside
+  its federated sums (the first member adds it to its term, model.layer), so the slowest,
+  first member makes one add per sum: in post_attention mode the term of layer 0 (h + a_c)
+  and the fold after the last layer (h + m_c); in between, the pending MoE output m_c is added
+  to the stream (s_c = h + m_c) and the term is a_c + s_c (m_c travels to the next layer as a
+  tensor of its own: nothing is concatenated); every federated sum reads d and writes d;
 - dispatch: megatron's permute (each copy read and written) and unpermute (copies in, tokens
   out); alltoall: the all-to-all buffers (sent copies read, received written, and back) when
   P > 1 and the sort of received copies by local expert when a rank has several; allgather:
@@ -268,9 +270,9 @@ def elementwise_elements(model: ModelConfig, clusters: int) -> int:
     foe = model.kind == "foe"
     sums = sum(federated_sums(model, backward=False)) if foe and clusters > 1 else 0
     if foe and model.residual_sync == "post_attention":
-        # 2 norms (4d), h + sum (3d); after layer 0 s_c = h + m_c and a_c + m_c (6d); the
-        # [s, b, 2d] state concatenated (4d) except after the last, which folds m_c in (3d)
-        stream = 4 * n + 3 * n + 6 * (n - 1) + 4 * (n - 1) + 3
+        # 2 norms (4d); layer 0's term h + a_c (3d); after it s_c = h + m_c and a_c + s_c (6d);
+        # the fold after the last layer adds h (3d)
+        stream = 4 * n + 3 + 6 * (n - 1) + 3
     else:
         stream = 10 * n  # 2 norms (d in, d out) and 2 residual adds (2d in, d out)
     return (stream + 2 * sums + 4) * model.hidden_size  # + embedding and final norm, 2d each

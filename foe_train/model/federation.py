@@ -19,9 +19,14 @@ contributions (``federated_sum``: forward sum, backward sum). Two boundaries tur
 the true gradient: the embedding (``model.head``: it sums the shares over the federation, of
 the tokens' gradient or of its table's, whichever is smaller) and the head, whose input's
 gradient shares (one per cluster's vocabulary rows) are summed too (``model.head``); the
-model's last sum (``last_federated_sum``) therefore receives the true gradient and hands the
-residual its share on one member only. One backward sum per layer
-instead of megatron's pair (a backward sum at every entry into cluster work, two per layer).
+model's last sum (``final_federated_sum``) therefore receives the true gradient and passes it
+on as is. One backward sum per layer instead of megatron's pair (a backward sum at every entry
+into cluster work, two per layer).
+
+The layers add the residual inside the sum: the federation's ``first`` member adds it to its
+term, so a sum's result is the next residual and no member adds it afterwards. In backward the
+residual then receives the true gradient on the first member and nothing on the others, which
+is again a split into shares.
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ class Federation:
     @property
     def two_level(self) -> bool:
         return self.local is not None
+
+    @cached_property
+    def first(self) -> bool:
+        """Whether this rank is the federation's first member (the one that adds the residual
+        to its term of a sum)."""
+        return dist.get_rank(self.group) == 0
 
     def overlaps(self, nbytes: int) -> bool:
         """Whether a sum of ``nbytes`` is worth hiding behind other work
@@ -105,16 +116,14 @@ class _Sum(torch.autograd.Function):
         return ctx.fed.all_reduce(grad), None
 
 
-class _LastSum(torch.autograd.Function):
+class _FinalSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, x: torch.Tensor, fed: Federation) -> torch.Tensor:
-        ctx.first = dist.get_rank(fed.group) == 0
-        return h + fed.all_reduce(x, inplace=True)
+    def forward(ctx: Any, x: torch.Tensor, fed: Federation) -> torch.Tensor:
+        return fed.all_reduce(x, inplace=True)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None]:
-        # None on the other members: autograd adds nothing there (no zero-filled tensor)
-        return (grad if ctx.first else None), grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
 
 
 class _Copy(torch.autograd.Function):
@@ -135,10 +144,10 @@ def federated_sum(x: torch.Tensor, fed: Federation) -> torch.Tensor:
     return _Sum.apply(x, fed)
 
 
-def last_federated_sum(h: torch.Tensor, x: torch.Tensor, fed: Federation) -> torch.Tensor:
-    """``h`` + the federated sum of ``x`` before the head, whose output layer hands back the
-    true gradient: ``x`` gets it as is, the residual ``h`` as a share on the first member."""
-    return _LastSum.apply(h, x, fed)
+def final_federated_sum(x: torch.Tensor, fed: Federation) -> torch.Tensor:
+    """Forward: the federated sum of ``x`` (consumed) before the head, whose output layer hands
+    back the true gradient; backward: that gradient as is."""
+    return _FinalSum.apply(x, fed)
 
 
 def copy_to_federation(x: torch.Tensor, fed: Federation) -> torch.Tensor:

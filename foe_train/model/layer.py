@@ -5,13 +5,17 @@ G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (exp
 the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums
 (``model.federation``, flat or two-level), whose backward keeps the replicated residual's
 gradient in per-cluster shares: one backward sum per federated sum and none where the residual
-enters cluster work. In inference a large enough sum is hidden behind compute by running the
-layer on two halves of the batch (``_overlapped_forward``).
+enters cluster work. The residual itself rides in the federation's first member's term of each
+sum, so the sum's result is the next residual and no member adds it afterwards. In inference a
+large enough sum is hidden behind compute by running the layer on two halves of the batch
+(``_overlapped_forward``).
 
-In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers; it
-travels concatenated to the residual as a [s, b, 2d] hidden state. Layer 0 receives [s, b, d]
-(m = 0) and the last layer folds the pending outputs back in, so GPTModel and TransformerBlock
-see ordinary [s, b, d] tensors at their boundaries.
+In ``post_attention`` mode each cluster keeps a pending MoE output m_c between layers. It
+travels as the layer's second output, which megatron's TransformerBlock hands to the next layer
+as ``context`` (its slot for a cross-attention input, unused by GPT; the block's activation
+recompute checkpoints it with the hidden state), so the two never need concatenating. Layer 0
+receives no pending output (m = 0) and the last layer folds the pending outputs back in, so
+GPTModel sees an ordinary [s, b, d] hidden state.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from foe_train.model.federation import Federation, federated_sum, last_federated_sum
+from foe_train.model.federation import Federation, federated_sum, final_federated_sum
 
 
 class FoELayer(TransformerLayer):
@@ -81,41 +85,44 @@ class FoELayer(TransformerLayer):
             out, bias = self.mlp(x)
         return out if bias is None else out + bias
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        fed = self.federation
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(h', pending m_c') from (h, pending m_c, which the block passes as ``context``);
+        the last layer returns (h_out, None)."""
         if self.residual_sync == "post_attention_and_moe":
-            h = hidden_states + federated_sum(self._attention(hidden_states, kwargs), fed)
+            attention = self._attention(hidden_states, kwargs)
+            h = federated_sum(self._with_residual(attention, hidden_states), self.federation)
             return self._fold(h, self._mlp(h, kwargs)), None
         if self._overlapped(hidden_states):
-            return self._overlapped_forward(hidden_states, kwargs), None
-        h, pending = self._unpack(hidden_states)
-        h = h + federated_sum(self._delta(h, pending, kwargs), fed)
+            return self._overlapped_forward(hidden_states, context, kwargs)
+        h = federated_sum(self._term(hidden_states, context, kwargs), self.federation)
         moe_out = self._mlp(h, kwargs)
         if self.is_last:
             return self._fold(h, moe_out), None
-        return torch.cat([h, moe_out], dim=-1), None
+        return h, moe_out
 
-    def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(h, pending m_c) of the carried state; layer 0 receives h alone."""
-        d = self.config.hidden_size
-        if x.shape[-1] == d:
-            return x, None
-        # split, not two slices: backward then writes both gradients into one [s, b, 2d]
-        # tensor instead of zero-filling and adding two
-        h, pending = x.split(d, dim=-1)
-        return h, pending
+    def _term(self, h: torch.Tensor, pending: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        """This cluster's term of the federated sum that is the next residual:
+        m_c + Attn_c(LN1_c(h + m_c)), and on the first member (h + m_c) + Attn_c(...), the
+        attention's input, which already holds the residual: adding it costs nothing there."""
+        stream = h if pending is None else h + pending
+        out = self._attention(stream, kwargs)
+        if self.federation.first:
+            return out + stream
+        return out if pending is None else out + pending
 
-    def _delta(self, h: torch.Tensor, pending: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
-        """This cluster's contribution to the federated sum: m_c + Attn_c(LN1_c(h + m_c))."""
-        if pending is None:
-            return self._attention(h, kwargs)
-        return self._attention(h + pending, kwargs) + pending
+    def _with_residual(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """A cluster output as its term of a federated sum that yields h + the summed outputs:
+        the first member adds h."""
+        return out + h if self.federation.first else out
 
     def _fold(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """h + the federated sum of a cluster output; the model's last sum feeds the head."""
+        term = self._with_residual(out, h)
         if self.is_last:
-            return last_federated_sum(h, out, self.federation)
-        return h + federated_sum(out, self.federation)
+            return final_federated_sum(term, self.federation)
+        return federated_sum(term, self.federation)
 
     def _overlapped(self, hidden_states: torch.Tensor) -> bool:
         # on CUDA the sum would need a stream of its own to run beside the compute: not built
@@ -124,7 +131,9 @@ class FoELayer(TransformerLayer):
         return (not torch.is_grad_enabled() and not hidden_states.is_cuda and b > 1
                 and self.federation.overlaps(summed))
 
-    def _overlapped_forward(self, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def _overlapped_forward(
+        self, hidden_states: torch.Tensor, pending: torch.Tensor | None, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer on two halves of the batch (inference, parallel.overlap_min_bytes): the
         first half's federated sum travels while the second half's attention runs, the second
         half's while the first half's MoE runs (and in the last layer the first half's fold
@@ -134,21 +143,23 @@ class FoELayer(TransformerLayer):
         # same batch (generate pads the shares, foe-bench latency and evaluation split evenly).
         fed = self.federation
         context = kwargs.get("inference_context")
+        parts = hidden_states.tensor_split(2, dim=1)
+        pendings = (None, None) if pending is None else pending.tensor_split(2, dim=1)
         halves, start = [], 0
-        for part in hidden_states.tensor_split(2, dim=1):
-            h, pending = self._unpack(part)
+        for h, m in zip(parts, pendings, strict=True):
             with _batch_offset(context, start):
-                halves.append((h, fed.start_sum(self._delta(h, pending, kwargs))))
-            start += part.shape[1]
-        outs = []
-        for h, summed in halves:
-            h = h + summed.result()
+                halves.append(fed.start_sum(self._term(h, m, kwargs)))
+            start += h.shape[1]
+        hs, outs = [], []
+        for summed in halves:
+            h = summed.result()
             moe_out = self._mlp(h, kwargs)
-            outs.append((h, fed.start_sum(moe_out)) if self.is_last
-                        else torch.cat([h, moe_out], dim=-1))
+            hs.append(h)
+            outs.append(fed.start_sum(self._with_residual(moe_out, h)) if self.is_last
+                        else moe_out)
         if self.is_last:
-            outs = [h + summed.result() for h, summed in outs]
-        return torch.cat(outs, dim=1)
+            return torch.cat([summed.result() for summed in outs], dim=1), None
+        return torch.cat(hs, dim=1), torch.cat(outs, dim=1)
 
 
 @contextmanager
