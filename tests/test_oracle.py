@@ -27,8 +27,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def build():
-    """A gloo world of 1 with megatron on CPU; yields build(model, clusters, k, seed)."""
+def pg_collection():
+    """A gloo world of 1 with megatron on CPU; yields its ProcessGroupCollection."""
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -39,24 +39,32 @@ def build():
     apply_cpu_compat()
     from megatron.core import parallel_state as ps
     from megatron.core.hyper_comm_grid import HyperCommGrid
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_decoder_block_spec,
-        get_gpt_layer_local_spec,
-    )
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer import TransformerConfig
 
     ps._set_global_memory_buffer()
     names = ["tp", "cp", "ep", "pp", "dp"]
     grid = HyperCommGrid([1, 1, 1, 1, 1], names)
     pg = {n: grid.create_pg(n) for n in names}
-    pgc = ProcessGroupCollection(
+    yield ProcessGroupCollection(
         tp=pg["tp"], cp=pg["cp"], pp=pg["pp"], ep=pg["ep"], embd=None, pos_embd=None,
         tp_cp=pg["tp"], tp_ep=pg["ep"], expt_tp=pg["tp"], tp_dp_cp=pg["dp"], dp=pg["dp"],
         dp_cp=pg["dp"], expt_dp=pg["dp"], tp_ep_pp=pg["ep"], mp=pg["tp"],
     )
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def build(pg_collection):
+    """build(model, clusters, k, seed): a stock megatron GPTModel in the world of 1."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    pgc = pg_collection
 
     def _build(m: ModelConfig, clusters: int, k: int, seed: int):
         """Stock GPTModel with the per-cluster config; norms perturbed off 1 so that a mixed-up
@@ -93,8 +101,7 @@ def build():
                     p.add_(0.2 * torch.randn_like(p))
         return gpt
 
-    yield _build
-    dist.destroy_process_group()
+    return _build
 
 
 def _model(**kw) -> ModelConfig:
@@ -285,3 +292,53 @@ def test_sdpa_core_attention_equals_megatron_local(build, sq, sk):
     want = local(q, k, v, mask if sq != sk and sq > 1 else None)
     _close(sdpa(q, k, v, None), want, 1e-5, "attention output")
     assert sdpa(q, k, v, None).shape == (sq, 2, 64)
+
+
+def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_sizes(pg_collection):
+    """An expert group of one rank (FoE, L = 1): foe_train.model.dispatcher gives megatron's
+    allgather dispatcher's permuted tokens, counts, probabilities and combined output, and
+    computes no data-dependent size (masked_select, nonzero: each a device->host sync on a
+    GPU) on the way."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from foe_train.model.dispatcher import SingleRankTokenDispatcher
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    E, k, T, d = 4, 2, 12, 8
+    cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=1,
+                            num_moe_experts=E, moe_router_topk=k,
+                            moe_token_dispatcher_type="allgather")
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, 1, d, generator=g, requires_grad=True)
+    scores = torch.randn(T, E, generator=g).softmax(-1)
+    top = scores.topk(k, dim=-1).indices
+    routing_map = torch.zeros(T, E, dtype=torch.bool).scatter_(1, top, True)
+    probs = (scores * routing_map).requires_grad_()
+    expert_out = torch.randn(T * k, d, generator=g)
+    results = {}
+    for cls in (MoEAllGatherTokenDispatcher, SingleRankTokenDispatcher):
+        dispatcher = cls(E, list(range(E)), config=cfg, pg_collection=pg_collection)
+        with Ops() as ops:
+            x, p = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+            x, p = dispatcher.token_dispatch(x, p)
+            permuted, counts, permuted_probs = dispatcher.dispatch_postprocess(x, p)
+        combined = dispatcher.combine_postprocess(dispatcher.token_combine(
+            dispatcher.combine_preprocess(expert_out + permuted * permuted_probs[:, None])))
+        grads = torch.autograd.grad(combined.square().sum(), (hidden, probs))
+        results[cls] = (permuted, counts, permuted_probs, combined, *grads), ops.seen
+    (want, megatron_ops), (got, ours) = results.values()
+    for name, a, b in zip(("tokens", "counts", "probs", "combined", "d_hidden", "d_probs"),
+                          got, want, strict=True):
+        assert torch.equal(a, b), name
+    assert {"masked_select", "nonzero"} & megatron_ops  # the check sees megatron's syncs
+    assert not {"masked_select", "nonzero", "_local_scalar_dense", "item"} & ours, ours

@@ -104,14 +104,19 @@ def test_host_syncs_cost_their_latency_per_moe_layer():
     base = project_member(a2a, TINY_HW, nodes=1, batch=1, prompt_len=4, gen_len=2)
     priced = project_member(a2a, hw, nodes=1, batch=1, prompt_len=4, gen_len=2)
     # one MoE layer, alltoall dispatcher: 2 queue-draining syncs of 0.5 s in every pass
-    assert HOST_SYNCS == {"alltoall": 2, "allgather": 3}
+    assert HOST_SYNCS == {"alltoall": 2, "allgather": 3, "single-rank": 1}
     assert priced["breakdown"]["tbt"]["host_syncs"] == 2
     for metric in ("forward", "ttft", "tbt"):
         assert priced[metric] - base[metric] == pytest.approx(1.0)
     assert priced["generate"] - base["generate"] == pytest.approx(2.0)  # prefill + 1 step
-    gather = with_model(tiny("foe"), token_dispatcher="allgather")
-    assert project_member(gather, hw, 1, 1, 4, 2)["breakdown"]["forward"][
+    # megatron's allgather dispatcher (the baseline, EP = 2 on the node's 2 GPUs): 3 syncs; in
+    # an expert group of one rank (the FoE cluster, L = 1) the single-rank dispatcher: 1
+    gather = with_model(tiny("moe"), token_dispatcher="allgather")
+    assert project_member(gather, hw, 1, 2, 4, 2)["breakdown"]["forward"][
         "host_sync_seconds"] == pytest.approx(1.5)
+    single = with_model(tiny("foe"), token_dispatcher="allgather")
+    assert project_member(single, hw, 1, 1, 4, 2)["breakdown"]["forward"][
+        "host_sync_seconds"] == pytest.approx(0.5)
     # two layers, one of them dense: still one MoE layer's syncs; two MoE layers: twice
     dense = with_model(a2a, num_layers=2, moe_layer_freq=[1, 0])
     assert project_member(dense, hw, 1, 1, 4, 2)["breakdown"]["ttft"]["host_syncs"] == 2

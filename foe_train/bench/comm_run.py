@@ -22,6 +22,7 @@ from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_model import integral, predict
 from foe_train.config import load_config
 from foe_train.model.builder import build_model
+from foe_train.model.dispatcher import dispatcher_name
 from foe_train.runtime import init_distributed
 from foe_train.topology import build_topology
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             "by_kind": mean_over_ranks(by_kind),
             "collectives": spans,
             "topology": {"kind": topo.kind, "world_size": topo.world_size, "nodes": nodes},
-            "dispatcher": gpt.decoder.layers[0].config.moe_token_dispatcher_type,
+            "dispatcher": dispatcher_name(gpt),
             "tokens": topo.token_shards * args.micro_batch * seq,
         }
         emit(report, table(report), args.json, args.out)

@@ -122,9 +122,11 @@ PAPER_RATIOS = {"forward": 5.2, "ttft": 3.62, "tbt": 1.95}
 #   masked_selects have drained the queue the copies wait on, so that wait costs nothing.
 # - allgather: tokens_per_expert .cpu() (token_dispatcher.py:295), permute's masked_select
 #   (moe_utils.py:369), the local probabilities' masked_select (token_dispatcher.py:304).
+# - single-rank (foe_train.model.dispatcher, in place of allgather in a group of one rank): its
+#   tokens_per_expert .cpu() only; the permutation's size is known (nonzero_static).
 # The routers (router.py, topk_routing_with_score_function) and experts (tolist of an
 # already-CPU tokens_per_expert, experts.py:645/910) add none at inference.
-HOST_SYNCS = {"alltoall": 2, "allgather": 3}
+HOST_SYNCS = {"alltoall": 2, "allgather": 3, "single-rank": 1}
 
 
 class _Strict(BaseModel):
@@ -253,7 +255,10 @@ def expert_group(model: ModelConfig, parallel: ParallelConfig, world: int) -> Ex
             parallel.ranks_per_cluster
     else:
         C, k, P = 1, model.moe_router_topk, expert_parallel_size(parallel, world)
-    return ExpertGroup(C, k, model.num_experts // C, P, token_dispatcher(model, P, k))
+    dispatcher = token_dispatcher(model, P, k)
+    if P == 1 and dispatcher == "allgather":
+        dispatcher = "single-rank"  # as model.dispatcher.use_single_rank_dispatchers does
+    return ExpertGroup(C, k, model.num_experts // C, P, dispatcher)
 
 
 def host_syncs(model: ModelConfig, group: ExpertGroup) -> int:
@@ -282,7 +287,7 @@ def dispatch_elements(group: ExpertGroup, tokens: int, imbalance: float) -> floa
     """Per MoE layer, hidden-size rows megatron's dispatcher reads and writes on the slowest
     rank, which receives `imbalance` times the mean copies (multiply by d)."""
     sent, received, P = tokens * group.topk, tokens * group.topk * imbalance, group.ranks
-    if group.dispatcher == "allgather":
+    if group.dispatcher in ("allgather", "single-rank"):
         # permute (copies in and out), unpermute into the P*T-token buffer; gather and
         # reduce-scatter each read one size and write the other when P > 1
         return 3 * received + P * tokens + (2 * tokens + 2 * P * tokens if P > 1 else 0)

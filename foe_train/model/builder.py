@@ -31,6 +31,7 @@ from foe_train.compat import apply_cpu_compat
 from foe_train.config import ModelConfig, cluster_topk
 from foe_train.model.attention import SDPAttention
 from foe_train.model.balanced_router import BalancedTopKRouter
+from foe_train.model.dispatcher import use_single_rank_dispatchers
 from foe_train.model.federation import Federation
 from foe_train.model.head import (
     FederatedEmbedding,
@@ -197,6 +198,7 @@ def build_model(
                 model.vocab_size, model.hidden_size, init_method=config.init_method,
                 config=config, tp_group=topo.groups["single"], federation=fed,
             )
+    use_single_rank_dispatchers(gpt)
     mark_vocab_shards(gpt)
     init_weights(gpt, model, topo, seed)
     keep_logits_split(gpt)
