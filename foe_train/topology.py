@@ -58,6 +58,14 @@ def token_dispatcher(model: ModelConfig, ep_size: int, topk: int) -> str:
     return "allgather" if ep_size == 1 or topk > ep_size else "alltoall"
 
 
+def dispatcher_run(megatron_dispatcher: str, ep_size: int) -> str:
+    """The dispatcher an MoE layer runs: megatron's, except that in a group of one rank
+    allgather is replaced by the single-rank dispatcher (``model.dispatcher``), which needs no
+    data-dependent sizes."""
+    return "single-rank" if ep_size == 1 and megatron_dispatcher == "allgather" \
+        else megatron_dispatcher
+
+
 def expert_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     """EP of the MoE baseline: parallel.expert_parallel, by default every rank of the job."""
     return parallel.expert_parallel or world_size

@@ -104,6 +104,7 @@ from foe_train.topology import (
     Grid,
     check_layout,
     consecutive_nodes,
+    dispatcher_run,
     expert_parallel_size,
     token_dispatcher,
 )
@@ -255,9 +256,7 @@ def expert_group(model: ModelConfig, parallel: ParallelConfig, world: int) -> Ex
             parallel.ranks_per_cluster
     else:
         C, k, P = 1, model.moe_router_topk, expert_parallel_size(parallel, world)
-    dispatcher = token_dispatcher(model, P, k)
-    if P == 1 and dispatcher == "allgather":
-        dispatcher = "single-rank"  # as model.dispatcher.use_single_rank_dispatchers does
+    dispatcher = dispatcher_run(token_dispatcher(model, P, k), P)
     return ExpertGroup(C, k, model.num_experts // C, P, dispatcher)
 
 

@@ -19,6 +19,8 @@ from megatron.core.transformer.moe.token_dispatcher import (
     MoEAlltoAllTokenDispatcher,
 )
 
+from foe_train.topology import dispatcher_run
+
 
 class SingleRankTokenDispatcher(MoEAllGatherTokenDispatcher):
     """megatron's allgather dispatcher for a group of one rank (its gathers and reduce-scatter
@@ -44,12 +46,15 @@ class SingleRankTokenDispatcher(MoEAllGatherTokenDispatcher):
 def use_single_rank_dispatchers(model: torch.nn.Module) -> None:
     """Give every MoE layer whose expert group is this rank alone, and which megatron built
     with the allgather dispatcher (``token_dispatcher: auto`` picks it in a group of one rank),
-    the single-rank dispatcher. (megatron's TransformerLayer recognises its MoELayer by class,
-    so the layer stays megatron's and only its dispatcher is replaced.)"""
+    the single-rank dispatcher (``topology.dispatcher_run``). megatron's TransformerLayer
+    recognises its MoELayer by class, so the layer stays megatron's and only its dispatcher is
+    replaced."""
     for module in model.modules():
-        built = getattr(module, "token_dispatcher", None)
-        if (isinstance(module, MoELayer) and type(built) is MoEAllGatherTokenDispatcher
-                and built.ep_size == built.tp_size == 1):
+        if not isinstance(module, MoELayer):
+            continue
+        built = module.token_dispatcher
+        megatron = module.config.moe_token_dispatcher_type
+        if built.tp_size == 1 and dispatcher_run(megatron, built.ep_size) == "single-rank":
             groups = ProcessGroupCollection(ep=built.ep_group, expt_tp=built.tp_group,
                                             tp_ep=built.tp_ep_group)
             module.token_dispatcher = SingleRankTokenDispatcher(
