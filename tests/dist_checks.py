@@ -15,9 +15,11 @@ from foe_train.model.builder import (
     build_model,
     count_parameters,
     gather_cluster_state_dicts,
+    layer_backend,
     wrap_ddp,
 )
 from foe_train.model.head import head_group
+from foe_train.model.norm import RMSNorm
 from foe_train.model.oracle import ReferenceFoE
 from foe_train.runtime import device, init_distributed
 from foe_train.topology import build_topology, embedding_sum_rows, node_map
@@ -70,6 +72,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def oracle_check(cfg, topo, recompute: bool = False) -> dict:
     gpt = build_model(cfg.model, topo, seed=cfg.seed, dtype=DTYPE, recompute=recompute)
+    if layer_backend() == "local":  # CPU layers norm with model.norm's RMSNorm
+        norms = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
+        built = {type(m) for name, m in gpt.named_modules() if name.endswith(norms)}
+        assert built == {RMSNorm}, f"norms built: {built}"
     ddp = wrap_ddp(gpt, topo)
     data = batch()
     loss, logits = loss_and_logits(ddp, on_device(shard(data, topo)))

@@ -342,3 +342,31 @@ def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_size
         assert torch.equal(a, b), name
     assert {"masked_select", "nonzero"} & megatron_ops  # the check sees megatron's syncs
     assert not {"masked_select", "nonzero", "_local_scalar_dense", "item"} & ours, ours
+
+
+def test_rms_norm_matches_torch():
+    """model.norm's RMSNorm (the CPU layers' norm, with its own backward) against torch's:
+    output, input gradient and weight gradient, and torch's own path without gradients."""
+    from foe_train.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(None, 32, eps=1e-5), torch.nn.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(5, 3, 32) * 3
+    g = torch.randn(5, 3, 32)
+    outs, grads, nodes = [], [], []
+    for norm in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(g)
+        outs.append(y.detach())
+        grads.append((xi.grad, norm.weight.grad))
+        nodes.append(type(y.grad_fn).__name__)
+    assert nodes[0] == "_RMSNormBackward" != nodes[1]
+    _close(outs[0], outs[1], 1e-6, "output")
+    _close(grads[0][0], grads[1][0], 1e-6, "input gradient")
+    _close(grads[0][1], grads[1][1], 1e-6, "weight gradient")
+    with torch.no_grad():
+        _close(ours(x), ref(x), 1e-6, "output without gradients")

@@ -42,6 +42,7 @@ from foe_train.model.head import (
     vocab_shard,
 )
 from foe_train.model.layer import FoELayer
+from foe_train.model.norm import RMSNorm
 from foe_train.topology import Topology, token_dispatcher
 
 
@@ -122,10 +123,18 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> M
         if backend == "sdpa":
             attention = spec.submodules.self_attention.submodules
             attention.core_attention = SDPAttention
+        if backend == "local":
+            spec.submodules.input_layernorm = RMSNorm
+            spec.submodules.pre_mlp_layernorm = RMSNorm
     if model.balanced_routing and moe:
         mlp = spec.submodules.mlp
         mlp.submodules = dataclasses.replace(mlp.submodules, router=BalancedTopKRouter)
     return spec
+
+
+def final_norm(backend: str) -> type:
+    """The decoder's last norm, of the same kind as the layers' (``_layer_spec``)."""
+    return RMSNorm if backend == "local" else LNImpl
 
 
 def block_spec(
@@ -137,7 +146,7 @@ def block_spec(
     if topo.kind == "moe":
         specs = [_layer_spec(model, i, model.num_experts, backend)
                  for i in range(model.num_layers)]
-        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm(backend))
     params = {
         "cluster_config": transformer_config(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
@@ -150,7 +159,7 @@ def block_spec(
     for i in range(model.num_layers):
         stock = _layer_spec(model, i, model.num_experts // topo.clusters, backend)
         specs.append(ModuleSpec(module=FoELayer, submodules=stock.submodules, params=params))
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LNImpl)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm(backend))
 
 
 def build_model(
