@@ -74,8 +74,9 @@ def test_roofline_and_alpha_beta_by_hand():
     # the single-rank dispatcher of a one-rank cluster: 1 sync (free here)
     assert breakdown["host_syncs"] == 1 and breakdown["host_sync_seconds"] == 0
     assert foe["forward"] == pytest.approx(16.48 + 2.64)
-    # ttft also copies the 4 new K/V entries into the cache: attention + 4*4*1*4 = 448 -> 4.48
-    assert foe["ttft"] == pytest.approx(16.48 + 0.64 + 2.64)
+    # ttft also copies the 4 new K/V entries into the cache: attention + 4*4*1*4 = 448 -> 4.48,
+    # and materialises only the last position's logits: output 64 + 1*(8 + 8) = 80 -> 0.8 s
+    assert foe["ttft"] == pytest.approx(16.48 + 0.64 - 1.28 + 0.8 + 2.64)
     # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, elements 128 +
     # (56 + 16) + 2*4*5 = 240 -> 2.4 s; router 16 + 16 -> 0.32 s; experts 1 copy: 96 + 40 ->
     # 1.36 s; output 64 + 16 -> 0.8 s; elementwise 144 -> 1.44 s; dispatch 4 rows -> 0.32 s;
@@ -125,7 +126,7 @@ def test_comm_volume_comes_from_comm_model(monkeypatch):
                                                       "reduce_scatter"}
     traffic = predict(foe.model, adapt_parallel(foe, 4, 8), 32, 4, 8 * 1024, 2)
     expected = {op: projection.comm_seconds(v["calls"], v["bytes"], v["cross_node_bytes"],
-                                            hw.intra_node, hw.inter_node)
+                                            *hw.links(op))
                 for op, v in traffic.items()}
     assert four["breakdown"]["ttft"]["comm"] == pytest.approx(expected)
     assert adapt_parallel(moe, 4, 8) == ParallelConfig(data=32)

@@ -20,13 +20,14 @@ Each is compute + communication + host synchronisations (none overlapping).
 Communication: bytes, cross-node bytes and calls per collective come from bench.comm_model
 (DESIGN §3 as code), never re-derived here; time = ((calls * alpha(scope))^p + transfer^p)^(1/p)
 with transfer = intra_bytes / beta_intra + cross_bytes / beta_inter and p the link's overlap
-(1 for nominal links: the plain alpha-beta sum; fitted on the emulated fabric, where the
+(1 for described links: the plain alpha-beta sum; fitted on the emulated fabric, where the
 latency floor and the transfer overlap), the scope being inter-node when any of the op's bytes
 cross nodes (comm_model.comm_seconds). alpha/beta are the cluster description's per scope, or
 per collective where it has them (``per_op``: what a calibration on the emulated fabric fits, see
-bench.collectives). comm_model's byte counts are means over ranks, so a node's inter-node
-traffic is taken as spread evenly over its GPUs' NICs (beta_inter is per GPU), as NCCL's
-multi-channel rings approach.
+bench.collectives; on H100 nodes the all-reduce, which NVLink SHARP runs faster than the other
+collectives). beta is the bus bandwidth: what a collective's counted bytes per rank divide by.
+comm_model's byte counts are means over ranks, so a node's inter-node traffic is taken as spread
+evenly over its GPUs' NICs (beta_inter is per GPU), as NCCL's multi-channel rings approach.
 
 Compute: per rank and per component, roofline max(FLOPs / peak_flops, bytes /
 memory_bandwidth), summed over layers. FLOPs are matmul FLOPs only (2 per multiply-add;
@@ -43,7 +44,10 @@ rank's tokens, h/g/d_h its query heads, KV heads and head dim, f its expert or M
 - router: d in, E/C logits out; top-k reads the logits and writes dense probabilities and
   routing map (3 E/C);
 - experts, per routed copy: fc1 d in, (fc-1)f out; activation (fc-1)f in, f out; fc2 f in, d
-  out. The dense MLP the same per token; the output layer d in, V/C logits out;
+  out. The dense MLP the same per token; the output layer d in, V/C logits out, for every
+  position in a forward but only each sequence's last one with a cache (megatron's static
+  inference context materialises only the last position's logits, which is what foe-train's
+  generation and foe-bench latency run);
 - elementwise (memory-bound, no FLOPs counted): two norms (d in, d out) and two residual
   adds (2d in, d out) per layer, the embedding and final norm once. FoE adds the residual inside
   its federated sums (the first member adds it to its term, model.layer), so the slowest,
@@ -308,6 +312,7 @@ def compute_seconds(model: ModelConfig, parallel: ParallelConfig, world: int, st
     expert_f, dense_f, vocab = model.moe_ffn_hidden_size, model.ffn_hidden_size // C, \
         model.vocab_size // C
     tokens = step.tokens
+    logits = step.seqs if step.cache else tokens  # positions whose logits are materialised
     moe_layers = sum(model.layer_is_moe(i) for i in range(model.num_layers))
 
     def roof(flops: float, elements: float) -> float:
@@ -330,7 +335,7 @@ def compute_seconds(model: ModelConfig, parallel: ParallelConfig, world: int, st
                                      + 2 * copies * (d + fc * expert_f)),
         "dense": (model.num_layers - moe_layers) * roof(
             2 * tokens * dense_w, dense_w + 2 * tokens * (d + fc * dense_f)),
-        "output": roof(2 * tokens * vocab * d, vocab * d + tokens * (d + vocab)),
+        "output": roof(2 * logits * vocab * d, vocab * d + logits * (d + vocab)),
         "elementwise": roof(0, tokens * elementwise_elements(model, C)),
         "dispatch": moe_layers * roof(0, dispatch_elements(group, tokens, imbalance) * d),
     }
@@ -436,10 +441,12 @@ def project_pair(cfgs: tuple[RecipeConfig, RecipeConfig], names: tuple[str, str]
 
 
 def _cluster_line(hw: Hardware) -> str:
+    per_op = "".join(f", {op} {s.intra_node.bandwidth / 1e9:g}/{s.inter_node.bandwidth / 1e9:g}"
+                     f" GB/s intra/inter" for op, s in hw.per_op.items())
     return (f"cluster {hw.name}: {hw.gpus_per_node} GPUs/node; intra-node "
             f"{hw.intra_node.bandwidth / 1e9:g} GB/s {hw.intra_node.latency * 1e6:g} us, "
             f"inter-node {hw.inter_node.bandwidth / 1e9:g} GB/s "
-            f"{hw.inter_node.latency * 1e6:g} us; {hw.peak_flops / 1e12:g} TFLOP/s, "
+            f"{hw.inter_node.latency * 1e6:g} us{per_op}; {hw.peak_flops / 1e12:g} TFLOP/s, "
             f"{hw.memory_bandwidth / 1e9:g} GB/s memory, {hw.elem_bytes} B/element, "
             f"{hw.host_sync_latency * 1e6:g} us per host sync")
 
