@@ -82,7 +82,7 @@ class ParallelConfig(_Section):
     # Inference (no gradients) with at least two sequences per rank: a layer whose federated
     # sum has at least this many bytes runs on two halves of the batch, so that one half's sum
     # travels while the other half computes. Smaller sums run whole, since halving doubles
-    # their calls (on the emulated 1 Gbit fabric, bench pair at C = 4: halving cost 3-14% at
+    # their calls (on the emulated 1 Gbit fabric, bench pair at C = 4: halving cost 1-14% at
     # 1-2 MiB and paid 2-3% at 3.9 MiB, 9-13% at 4-8 MiB). Never: a value above any sum;
     # always: 0. CPU (gloo) only: on CUDA layers sum whole batches.
     overlap_min_bytes: int = Field(default=3 * 1024 * 1024, ge=0)
