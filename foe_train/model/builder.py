@@ -123,18 +123,18 @@ def _layer_spec(model: ModelConfig, layer: int, experts: int, backend: str) -> M
         if backend == "sdpa":
             attention = spec.submodules.self_attention.submodules
             attention.core_attention = SDPAttention
-        if backend == "local":
-            spec.submodules.input_layernorm = RMSNorm
-            spec.submodules.pre_mlp_layernorm = RMSNorm
+        if norm := _cpu_norm(backend):
+            spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
     if model.balanced_routing and moe:
         mlp = spec.submodules.mlp
         mlp.submodules = dataclasses.replace(mlp.submodules, router=BalancedTopKRouter)
     return spec
 
 
-def final_norm(backend: str) -> type:
-    """The decoder's last norm, of the same kind as the layers' (``_layer_spec``)."""
-    return RMSNorm if backend == "local" else LNImpl
+def _cpu_norm(backend: str) -> type | None:
+    """model.norm's RMSNorm for every norm of megatron's local (CPU) layers and the decoder's
+    last one; None: the specs' own norms."""
+    return RMSNorm if backend == "local" else None
 
 
 def block_spec(
@@ -143,10 +143,11 @@ def block_spec(
 ) -> TransformerBlockSubmodules:
     """Layer specs of the decoder: stock layers for the baseline, FoELayer for FoE (whose
     layers sum over ``federation``)."""
+    final_norm = _cpu_norm(backend) or LNImpl
     if topo.kind == "moe":
         specs = [_layer_spec(model, i, model.num_experts, backend)
                  for i in range(model.num_layers)]
-        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm(backend))
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
     params = {
         "cluster_config": transformer_config(
             model, topo.clusters, topo.ranks_per_cluster, dtype, recompute, backend
@@ -159,7 +160,7 @@ def block_spec(
     for i in range(model.num_layers):
         stock = _layer_spec(model, i, model.num_experts // topo.clusters, backend)
         specs.append(ModuleSpec(module=FoELayer, submodules=stock.submodules, params=params))
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm(backend))
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 
 
 def build_model(
