@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from foe_train.bench.train_bench import paired_ratios
 from foe_train.cli import bench_main
 from launch import torchrun
 
@@ -41,8 +42,17 @@ def test_train_bench_pair_json(tmp_path):
         assert member["collective_s"] > 0 and member["collectives"]
     assert row["ratio"]["tokens_per_s"] == pytest.approx(
         row["foe"]["tokens_per_s"]["median"] / row["moe"]["tokens_per_s"]["median"])
+    rounds = row["ratio"]["per_round"]
+    assert 0 < rounds["p10"] <= rounds["median"] <= rounds["p90"] and 0 <= rounds["wins"] <= 1
     assert any(k.startswith("all_to_all@ep") for k in row["moe"]["collectives"])
     assert not runs.exists()  # no checkpoints, metrics or W&B run
+
+
+def test_paired_ratios_are_per_round():
+    # each round its own ratio (1.0, 1.0, 1.1), whatever the machine did in between
+    rounds = paired_ratios([100.0, 50.0, 110.0], [100.0, 50.0, 100.0])
+    assert rounds["median"] == pytest.approx(1.0) and rounds["p90"] == pytest.approx(1.1)
+    assert rounds["wins"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -89,15 +89,26 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
             if step >= warmup:
                 seconds[kind].append(elapsed)
     row: dict[str, Any] = {}
+    rates: dict[str, list[float]] = {}
     for kind, job in jobs.items():
         cfg = job.cfg
         tokens = cfg.training.global_batch_size * cfg.model.seq_length
-        row[kind] = {"tokens_per_s": stats([tokens / s for s in seconds[kind]]),
+        rates[kind] = [tokens / s for s in seconds[kind]]
+        row[kind] = {"tokens_per_s": stats(rates[kind]),
                      "step_s": stats(seconds[kind]), "tokens_per_step": tokens,
                      **profile_step(job, warmup + steps)}
     row["ratio"] = {"tokens_per_s": row["foe"]["tokens_per_s"]["median"]
-                    / row["moe"]["tokens_per_s"]["median"]}
+                    / row["moe"]["tokens_per_s"]["median"],
+                    "per_round": paired_ratios(rates["foe"], rates["moe"])}
     return row
+
+
+def paired_ratios(foe: list[float], moe: list[float]) -> dict[str, float]:
+    """FoE/MoE tokens/s of each round (the two members' steps back to back, so a slow spell
+    of the machine hits both): their spread tells parity from a real gap, which the ratio of
+    medians alone cannot; ``wins`` is the fraction of rounds FoE was faster."""
+    ratios = [f / m for f, m in zip(foe, moe, strict=True)]
+    return {**stats(ratios), "wins": sum(r > 1 for r in ratios) / len(ratios)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -114,7 +125,10 @@ def format_report(report: dict[str, Any]) -> str:
                              f"{moe[metric][q] * scale:>12{fmt}}")
         lines.append(f"{'collectives ms':<18}{foe['collective_s'] * 1e3:>12.1f}"
                      f"{moe['collective_s'] * 1e3:>12.1f}   (profiled step, mean over ranks)")
-        lines.append(f"ratio foe/moe tokens/s (median): {row['ratio']['tokens_per_s']:.3f}")
+        rounds = row["ratio"]["per_round"]
+        lines.append(f"ratio foe/moe tokens/s (median): {row['ratio']['tokens_per_s']:.3f}; "
+                     f"per round: median {rounds['median']:.3f}, p10 {rounds['p10']:.3f}, "
+                     f"p90 {rounds['p90']:.3f}, FoE faster in {rounds['wins']:.0%}")
         for kind in KINDS:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['calls']}"
                              for k, v in row[kind]["collectives"].items())

@@ -130,28 +130,40 @@ def _vocab_start(logits: torch.Tensor, group: dist.ProcessGroup | None) -> int:
 
 class _CrossEntropy(torch.autograd.Function):
     """megatron's vocab-parallel cross entropy with an explicit group (megatron's own function
-    reads the global TP group, which FoE does not use), composed of megatron's helpers."""
+    reads the global TP group, which FoE does not use), composed of megatron's helpers, and
+    with one collective instead of megatron's two (the max, then the sums against it): each
+    shard offers its own max, its sum of exponentials against that max and its raw target
+    logit (0 where another shard holds the target), and every shard rescales the sums to the
+    global max."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor,
                 group: dist.ProcessGroup) -> torch.Tensor:
-        logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits.clone())
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        logits, own_max = VocabParallelCrossEntropy.calculate_logits_max(logits.clone())
+        size = dist.get_world_size(group)
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
-            logits.shape[-1], dist.get_rank(group), dist.get_world_size(group)
+            logits.shape[-1], dist.get_rank(group), size
         )
         target_mask, masked_target, predicted, sum_exp, exp_logits = (
             VocabParallelCrossEntropy.calculate_predicted_logits(
-                logits, target, logits_max, start, end
+                logits, target, own_max, start, end
             )
         )
-        both = torch.stack([predicted, sum_exp])  # one sum over the shards, not two
-        dist.all_reduce(both, group=group)
-        predicted, sum_exp = both.unbind(0)
-        softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
-            exp_logits, predicted, sum_exp
-        )
-        ctx.save_for_backward(softmax, target_mask, masked_target)
+        if size > 1:
+            raw = (predicted + own_max).masked_fill(target_mask, 0)
+            offer = torch.stack([own_max, sum_exp, raw])
+            offers = offer.new_empty(size * offer.numel())
+            dist.all_gather_into_tensor(offers, offer.view(-1), group=group)
+            maxes, sums, raws = offers.view(size, *offer.shape).unbind(1)
+            logits_max = maxes.max(0).values
+            sum_exp = (sums * torch.exp(maxes - logits_max)).sum(0)
+            predicted = raws.sum(0) - logits_max
+            norm = torch.exp(own_max - logits_max) / sum_exp
+        else:
+            norm = sum_exp.reciprocal()
+        loss = torch.log(sum_exp) - predicted
+        exp_logits.mul_(norm.unsqueeze(-1))  # the softmax
+        ctx.save_for_backward(exp_logits, target_mask, masked_target)
         return loss
 
     @staticmethod
@@ -169,9 +181,9 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(
     logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup
 ) -> torch.Tensor:
-    """Per-token next-token loss (shape of ``target``) from vocab-split logits; two small
-    all-reduces (the max, then the target logit and the sum of exponentials together) of one
-    or two floats per token replace gathering the logits."""
+    """Per-token next-token loss (shape of ``target``) from vocab-split logits; one small
+    all-gather of three floats per token and shard replaces gathering the logits (none when
+    the logits are whole)."""
     return _CrossEntropy.apply(logits, target, group)
 
 
