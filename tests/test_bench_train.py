@@ -33,7 +33,7 @@ def test_train_bench_pair_json(tmp_path):
     (row,) = report["rows"]
     for kind in ("foe", "moe"):
         member = row[kind]
-        for metric in ("tokens_per_s", "step_s"):
+        for metric in ("tokens_per_s", "step_s", "cpu_s"):
             assert set(member[metric]) == {"median", "p10", "p90", "mean"}
             assert 0 < member[metric]["p10"] <= member[metric]["median"] <= member[metric]["p90"]
         assert member["tokens_per_step"] == 8 * 32
@@ -42,6 +42,8 @@ def test_train_bench_pair_json(tmp_path):
         assert member["collective_s"] > 0 and member["collectives"]
     assert row["ratio"]["tokens_per_s"] == pytest.approx(
         row["foe"]["tokens_per_s"]["median"] / row["moe"]["tokens_per_s"]["median"])
+    assert row["ratio"]["cpu_s"] == pytest.approx(
+        row["foe"]["cpu_s"]["median"] / row["moe"]["cpu_s"]["median"])
     rounds = row["ratio"]["per_round"]
     assert 0 < rounds["p10"] <= rounds["median"] <= rounds["p90"] and 0 <= rounds["wins"] <= 1
     assert any(k.startswith("all_to_all@ep") for k in row["moe"]["collectives"])

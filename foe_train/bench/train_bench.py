@@ -5,7 +5,9 @@ profile of one more step of each, so a gap in tokens/s comes with where the time
 
 A step is exactly the training loop's ``train_step`` (forward, backward, gradient sync,
 optimizer); nothing is written: no run directory, checkpoint, metrics file or W&B run. Step
-time is that of the slowest rank, as in ``foe-bench latency``.
+time is that of the slowest rank, as in ``foe-bench latency``. A step's CPU time (each
+process's, all its threads, summed over ranks) comes beside it: where ranks outnumber cores,
+the step time follows that total work, and it tells work from waiting.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import logging
 import statistics
 import sys
+import time
 from typing import Any
 
 import torch
@@ -25,7 +28,7 @@ from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.latency import timed
 from foe_train.config import load_config
-from foe_train.runtime import init_distributed
+from foe_train.runtime import all_reduce_values, init_distributed
 from foe_train.train.job import Job, build_job
 from foe_train.train.step import train_step
 
@@ -79,26 +82,33 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
     """Warm-up, then ``steps`` timed steps per member, alternating which member goes first
     each round; then one profiled step each. Returns the report row."""
     seconds: dict[str, list[float]] = {kind: [] for kind in jobs}
+    cpu: dict[str, list[float]] = {kind: [] for kind in jobs}
     for step in range(warmup + steps):
         order = list(jobs) if step % 2 == 0 else list(reversed(jobs))
         for kind in order:
+            cpu_start = time.process_time()
             _, elapsed = timed(lambda j=jobs[kind], s=step: train_step(j, s))
             # megatron's aux-loss tracker is global to the process: reset it after every step,
             # as the training loop does, so one member's entries never mix with the other's
             clear_aux_losses_tracker()
             if step >= warmup:
                 seconds[kind].append(elapsed)
+                cpu[kind].append(time.process_time() - cpu_start)
+    cpu_all = all_reduce_values([c for kind in jobs for c in cpu[kind]]).tolist()
     row: dict[str, Any] = {}
     rates: dict[str, list[float]] = {}
-    for kind, job in jobs.items():
+    for i, (kind, job) in enumerate(jobs.items()):
         cfg = job.cfg
         tokens = cfg.training.global_batch_size * cfg.model.seq_length
         rates[kind] = [tokens / s for s in seconds[kind]]
         row[kind] = {"tokens_per_s": stats(rates[kind]),
-                     "step_s": stats(seconds[kind]), "tokens_per_step": tokens,
+                     "step_s": stats(seconds[kind]),
+                     "cpu_s": stats(cpu_all[i * steps:(i + 1) * steps]),
+                     "tokens_per_step": tokens,
                      **profile_step(job, warmup + steps)}
     row["ratio"] = {"tokens_per_s": row["foe"]["tokens_per_s"]["median"]
                     / row["moe"]["tokens_per_s"]["median"],
+                    "cpu_s": row["foe"]["cpu_s"]["median"] / row["moe"]["cpu_s"]["median"],
                     "per_round": paired_ratios(rates["foe"], rates["moe"])}
     return row
 
@@ -118,13 +128,16 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         foe, moe = row["foe"], row["moe"]
         lines.append(f"{'':<18}{'foe':>12}{'moe':>12}")
-        for metric, scale, fmt in (("tokens_per_s", 1, ",.0f"), ("step_s", 1e3, ".1f")):
-            unit = "tok/s" if metric == "tokens_per_s" else "step ms"
+        for metric, scale, fmt, unit in (("tokens_per_s", 1, ",.0f", "tok/s"),
+                                         ("step_s", 1e3, ".1f", "step ms"),
+                                         ("cpu_s", 1e3, ".1f", "cpu ms")):
             for q in ("median", "p10", "p90", "mean"):
                 lines.append(f"{unit + ' ' + q:<18}{foe[metric][q] * scale:>12{fmt}}"
                              f"{moe[metric][q] * scale:>12{fmt}}")
         lines.append(f"{'collectives ms':<18}{foe['collective_s'] * 1e3:>12.1f}"
                      f"{moe['collective_s'] * 1e3:>12.1f}   (profiled step, mean over ranks)")
+        lines.append(f"{'':<18}(cpu: process CPU time of a step, all threads, summed over ranks;"
+                     f" FoE/MoE {row['ratio']['cpu_s']:.3f})")
         rounds = row["ratio"]["per_round"]
         lines.append(f"ratio foe/moe tokens/s (median): {row['ratio']['tokens_per_s']:.3f}; "
                      f"per round: median {rounds['median']:.3f}, p10 {rounds['p10']:.3f}, "
