@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from foe_train.bench.train_bench import paired_ratios
+from foe_train.bench.stats import paired_ratios
 from foe_train.cli import bench_main
 from launch import torchrun
 

@@ -51,6 +51,10 @@ def check_rows(report: dict, rows: list[tuple[int, int]] = ROWS,
                 assert r[kind][metric]["median"] > 0 and r[kind][metric]["p90"] > 0
             check_imbalance(r, kind, topk[kind])
         assert set(r["ratio"]) == {"forward", "ttft", "tbt"} and min(r["ratio"].values()) > 0
+        for metric, rep in r["per_rep"].items():  # --reps 1: the one repetition's ratio
+            if metric != "tbt":
+                assert rep["median"] == pytest.approx(r["ratio"][metric])
+            assert 0 < rep["p10"] <= rep["median"] <= rep["p90"] and rep["wins"] in (0, 0.5, 1)
         assert any(k.startswith("all_to_all@ep") for k in r["moe"]["comm"])
         assert all(not k.startswith("all_to_all@") or k == "all_to_all@cluster_ep"
                    for k in r["foe"]["comm"])

@@ -13,12 +13,13 @@ max/mean over the job's ranks per MoE layer, averaged over layers. An expert-par
 all-to-all and the experts after it wait for the most loaded rank of their group: the
 baseline's group is the whole job, an FoE cluster's only its own L ranks, and with L = 1 a
 cluster's router can only pick its own rank's experts, so every rank gets the same load.
+Beside the ratio of the medians each row gives the ratio of every repetition (``per_rep``):
+how far it spreads tells a ratio near 1 from noise.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from foe_train import checkpoint
 from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
+from foe_train.bench.stats import paired_ratios, summary
 from foe_train.config import ConfigError, RecipeConfig, load_config
 from foe_train.infer.generate import decode_step, inference_config, new_context, prefill
 from foe_train.model.builder import build_model
@@ -143,12 +145,6 @@ def prefill_profile(member: Member, tokens: torch.Tensor) -> dict[str, Any]:
             "imbalance": expert_imbalance(topo, counts)}
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {"median": statistics.median(ordered),
-            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]}
-
-
 def measure(members: list[Member], batch: int, prompt_len: int, gen_len: int, reps: int,
             warmup: int) -> dict[str, Any]:
     prompts = {m.name: _prompts(m, batch, prompt_len) for m in members}
@@ -161,23 +157,28 @@ def measure(members: list[Member], batch: int, prompt_len: int, gen_len: int, re
                     samples[m.name].setdefault(key, []).extend(values)
     row: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "gen_len": gen_len}
     for m in members:
-        row[m.name] = {key: _stats(values) for key, values in samples[m.name].items()}
+        row[m.name] = {key: summary(values) for key, values in samples[m.name].items()}
         row[m.name].update(prefill_profile(m, prompts[m.name]))
     a, b = (m.name for m in members)
     row["ratio"] = {key: row[b][key]["median"] / row[a][key]["median"]
                     for key in ("forward", "ttft", "tbt")}
+    row["per_rep"] = {key: paired_ratios(samples[b][key], samples[a][key])
+                      for key in ("forward", "ttft", "tbt")}
     return row
 
 
 def format_table(rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
     a, b = names
-    lines = [f"{'batch':>5} {'prompt':>6}  {'metric':<12} {a:>10} {b:>10} {b + '/' + a:>9}"]
+    lines = [f"{'batch':>5} {'prompt':>6}  {'metric':<12} {a:>10} {b:>10} {b + '/' + a:>9}"
+             f"  per rep p10-p90"]
     for row in rows:
         for key, unit, scale in (("forward", "ms", 1e3), ("ttft", "ms", 1e3),
                                  ("tbt", "ms", 1e3), ("tokens_per_s", "tok/s", 1)):
             va, vb = row[a][key]["median"] * scale, row[b][key]["median"] * scale
+            spread = row["per_rep"].get(key)
             lines.append(f"{row['batch']:>5} {row['prompt_len']:>6}  {key + ' ' + unit:<12} "
-                         f"{va:>10.2f} {vb:>10.2f} {vb / va:>9.2f}")
+                         f"{va:>10.2f} {vb:>10.2f} {vb / va:>9.2f}"
+                         + (f"  {spread['p10']:.2f}-{spread['p90']:.2f}" if spread else ""))
         for name in names:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['bytes'] / 1e6:.2f}MB"
                              for k, v in row[name]["comm"].items())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 from typing import Any
@@ -27,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.latency import timed
+from foe_train.bench.stats import paired_ratios, summary
 from foe_train.config import load_config
 from foe_train.runtime import all_reduce_values, init_distributed
 from foe_train.train.job import Job, build_job
@@ -35,15 +35,6 @@ from foe_train.train.step import train_step
 KINDS = ("foe", "moe")
 TOP_OPS = 15
 STEP_EVENT = "ProfilerStep"  # the profiler's record of the whole step
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """Median (the headline: robust to the odd slow step on a shared machine), p10, p90,
-    mean."""
-    ordered = sorted(values)
-    last = len(ordered) - 1
-    return {"median": statistics.median(ordered), "p10": ordered[round(0.1 * last)],
-            "p90": ordered[round(0.9 * last)], "mean": statistics.fmean(ordered)}
 
 
 def profile_step(job: Job, step: int) -> dict[str, Any]:
@@ -101,9 +92,9 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
         cfg = job.cfg
         tokens = cfg.training.global_batch_size * cfg.model.seq_length
         rates[kind] = [tokens / s for s in seconds[kind]]
-        row[kind] = {"tokens_per_s": stats(rates[kind]),
-                     "step_s": stats(seconds[kind]),
-                     "cpu_s": stats(cpu_all[i * steps:(i + 1) * steps]),
+        row[kind] = {"tokens_per_s": summary(rates[kind]),
+                     "step_s": summary(seconds[kind]),
+                     "cpu_s": summary(cpu_all[i * steps:(i + 1) * steps]),
                      "tokens_per_step": tokens,
                      **profile_step(job, warmup + steps)}
     row["ratio"] = {"tokens_per_s": row["foe"]["tokens_per_s"]["median"]
@@ -112,13 +103,6 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
                     "per_round": paired_ratios(rates["foe"], rates["moe"])}
     return row
 
-
-def paired_ratios(foe: list[float], moe: list[float]) -> dict[str, float]:
-    """FoE/MoE tokens/s of each round (the two members' steps back to back, so a slow spell
-    of the machine hits both): their spread tells parity from a real gap, which the ratio of
-    medians alone cannot; ``wins`` is the fraction of rounds FoE was faster."""
-    ratios = [f / m for f, m in zip(foe, moe, strict=True)]
-    return {**stats(ratios), "wins": sum(r > 1 for r in ratios) / len(ratios)}
 
 
 def format_report(report: dict[str, Any]) -> str:
