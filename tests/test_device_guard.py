@@ -31,6 +31,8 @@ ALLOWED = {
     ("bench.latency", "expert_imbalance"): "one read of the routed counts per report row, "
                                            "after the timed requests",
     ("bench.comm_run", "main"): "prompts drawn from a host generator, then moved",
+    ("bench.train_bench", "measure"): "one read of the steps' CPU times summed over ranks, "
+                                      "after the timed steps",
     ("bench.comm", "_split_list"): "the recorder reads all-to-all split sizes to count bytes",
     ("model.dispatcher", "SingleRankTokenDispatcher.dispatch_postprocess"):
         "the per-expert token counts the experts split their input by, on the host as in "

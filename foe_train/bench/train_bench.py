@@ -104,7 +104,6 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
     return row
 
 
-
 def format_report(report: dict[str, Any]) -> str:
     """The side-by-side table, the FoE/MoE ratio and each member's top ops."""
     lines = [f"foe-bench train: {report['world_size']} ranks on {report['nodes']} node(s), "
