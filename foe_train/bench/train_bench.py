@@ -85,16 +85,17 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
             if step >= warmup:
                 seconds[kind].append(elapsed)
                 cpu[kind].append(time.process_time() - cpu_start)
-    cpu_all = all_reduce_values([c for kind in jobs for c in cpu[kind]]).tolist()
+    summed = all_reduce_values([c for kind in jobs for c in cpu[kind]]).view(len(jobs), steps)
+    cpu = dict(zip(jobs, summed.tolist(), strict=True))  # over ranks
     row: dict[str, Any] = {}
     rates: dict[str, list[float]] = {}
-    for i, (kind, job) in enumerate(jobs.items()):
+    for kind, job in jobs.items():
         cfg = job.cfg
         tokens = cfg.training.global_batch_size * cfg.model.seq_length
         rates[kind] = [tokens / s for s in seconds[kind]]
         row[kind] = {"tokens_per_s": summary(rates[kind]),
                      "step_s": summary(seconds[kind]),
-                     "cpu_s": summary(cpu_all[i * steps:(i + 1) * steps]),
+                     "cpu_s": summary(cpu[kind]),
                      "tokens_per_step": tokens,
                      **profile_step(job, warmup + steps)}
     row["ratio"] = {"tokens_per_s": row["foe"]["tokens_per_s"]["median"]
