@@ -23,9 +23,11 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_train_bench_pair_json(tmp_path):
+    """From a cold data cache: preparing the default corpus must not break stdout's JSON."""
     out, runs = tmp_path / "train.json", tmp_path / "runs"
     proc = bench("--pair", *PAIR, "--nproc", "4", "--steps", "3", "--warmup", "1", "--json",
-                 "--out", str(out), *TINY, f"logging.run_dir={runs}/{{name}}")
+                 "--out", str(out), *TINY, f"logging.run_dir={runs}/{{name}}",
+                 f"data.cache_dir={tmp_path}/cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert json.loads(proc.stdout) == report

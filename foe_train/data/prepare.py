@@ -199,7 +199,8 @@ def _stdlib_selection(max_bytes: int) -> list[tuple[str, str]]:
 def default_corpus(cache_dir: str, tokenizer: Tokenizer) -> str:
     """Prefix of the embedded default corpus (about DEFAULT_CORPUS_BYTES of the Python standard
     library's source, one document per file), prepared on first use under cache_dir and reused.
-    Safe for many ranks at once: a file lock lets one prepare while the others wait."""
+    Safe for many ranks at once: a file lock lets one prepare while the others wait. The
+    progress line goes to stderr: stdout belongs to the command (``foe-bench --json``)."""
     cache_dir = os.path.expanduser(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     selection = _stdlib_selection(DEFAULT_CORPUS_BYTES)
@@ -214,7 +215,7 @@ def default_corpus(cache_dir: str, tokenizer: Tokenizer) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")):
             print(f"prepare: default corpus, {len(texts)} stdlib files "
-                  f"({sum(map(len, texts)) / 1e6:.1f} MB) -> {prefix}", flush=True)
+                  f"({sum(map(len, texts)) / 1e6:.1f} MB) -> {prefix}", file=sys.stderr, flush=True)
             write_indexed_dataset(tokenizer.encode_batch(texts), prefix, tokenizer.eod)
     return prefix
 
