@@ -48,6 +48,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     comm.add_argument("--json", action="store_true", help="print the JSON report")
     comm.add_argument("--baseline", metavar="MOE.yaml",
                       help="also count this MoE recipe and compare cross-node bytes per token")
+    comm.add_argument("--baseline-out", metavar="PATH",
+                      help="also write the baseline's JSON report here (with --baseline)")
     comm.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     lat = sub.add_parser("latency", help="forward latency, TTFT, TBT of a recipe pair")
     weights = lat.add_mutually_exclusive_group(required=True)
@@ -92,6 +94,8 @@ def bench_main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
         node_of_rank = consecutive_nodes(args.nproc, args.nodes)
         check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
+        if args.baseline_out and not args.baseline:
+            raise ConfigError("--baseline-out: needs --baseline MOE.yaml to count")
         if args.baseline:
             base = load_config(args.baseline, args.overrides)
             if (cfg.model.kind, base.model.kind) != ("foe", "moe"):
@@ -122,9 +126,10 @@ def _comm(args: argparse.Namespace, cfg: RecipeConfig) -> int:
         code = count(args.config, out)
         if code or not args.baseline:
             return code
-        code = count(args.baseline, f"{tmp}/baseline.json")
+        baseline_out = args.baseline_out or f"{tmp}/baseline.json"
+        code = count(args.baseline, baseline_out)
         if code == 0:
-            reports = [json.loads(Path(p).read_text()) for p in (out, f"{tmp}/baseline.json")]
+            reports = [json.loads(Path(p).read_text()) for p in (out, baseline_out)]
             print(compare_line(*reports, cfg.model.moe_router_topk))
         return code
 

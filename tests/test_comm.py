@@ -9,22 +9,28 @@ import pytest
 
 from foe_train.bench.comm_model import predict
 from foe_train.bench.comm_run import cross_node_per_token, table
+from foe_train.cli import bench_main
 from foe_train.config import load_config
+from launch import torchrun
 
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
 
 
 def comm(tmp_path, recipe: str, nproc: int, nodes: int, *overrides: str,
-         baseline: list[str] = ()) -> dict:
-    out = tmp_path / "comm.json"
+         baseline: bool = False) -> dict:
+    """The report of one foe-bench comm run; with ``baseline`` the quickstart MoE is counted
+    too, and its report is under "baseline" (and foe-bench's stdout under "stdout")."""
+    out, base_out = tmp_path / "comm.json", tmp_path / "baseline.json"
+    paired = ["--baseline", "configs/quickstart/moe.yaml", "--baseline-out", str(base_out)]
     cmd = [sys.executable, "-m", "foe_train.cli", "comm", "--config",
            f"configs/quickstart/{recipe}.yaml", "--nproc", str(nproc), "--nodes", str(nodes),
-           "--backward", "--out", str(out), *baseline, *SMALL, *overrides]
+           "--backward", "--out", str(out), *(paired if baseline else []), *SMALL, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     if baseline:
         report["stdout"] = proc.stdout
+        report["baseline"] = json.loads(base_out.read_text())
         return report
     assert proc.stdout == table(report) + "\n"
     verdict = "yes" if report["counted"] == report["predicted"] else "NO"
@@ -56,10 +62,10 @@ def test_foe_one_rank_per_cluster_has_no_all_to_all(tmp):
 
 def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     r = comm(tmp, "foe", 4, 2, "parallel.clusters=4", "parallel.ranks_per_cluster=1",
-             "model.cluster_topk=1", "parallel.two_level_min_bytes=0",
-             baseline=["--baseline", "configs/quickstart/moe.yaml"])
+             "model.cluster_topk=1", "parallel.two_level_min_bytes=0", baseline=True)
     assert r["counted"] == r["predicted"]
-    assert r["stdout"].startswith(table({k: v for k, v in r.items() if k != "stdout"}))
+    foe = {k: v for k, v in r.items() if k not in ("stdout", "baseline")}
+    assert r["stdout"].startswith(table(foe) + "\n" + table(r["baseline"]))
     foe_per_token = f"FoE {cross_node_per_token(r):,.0f}; MoE/FoE "
     last = r["stdout"].splitlines()[-1]
     assert last.startswith("cross-node bytes per token: MoE ") and foe_per_token in last
@@ -75,6 +81,13 @@ def test_foe_two_clusters_per_node_sum_inside_the_node_first(tmp):
     per_node = 2 * r["by_kind"]["all_reduce@federation_cross"]["cross_node_bytes"]
     assert per_node == 7 * 32 * 128 * 4 * 2 * (2 - 1) // 2
     assert r["by_kind"]["reduce_scatter@federation_local"]["cross_node_bytes"] == 0
+    # the baseline (EP over the 4 ranks of both nodes): its all-to-all crosses nodes, to 2 of
+    # each rank's 3 peers
+    moe = r["baseline"]
+    assert moe["dispatcher"] == "alltoall" and moe["counted"] == moe["predicted"]
+    a2a = moe["counted"]["all_to_all"]
+    assert a2a["cross_node_bytes"] > 0 and a2a["cross_node_bytes"] * 3 == a2a["bytes"] * 2
+    assert ["all_to_all_single", "ep", True] in moe["collectives"]
 
 
 def test_foe_clusters_on_nodes_keep_all_to_all_inside(tmp):
@@ -97,14 +110,6 @@ def test_auto_dispatcher_gathers_when_k_exceeds_the_group(tmp):
     assert "all_to_all" not in r["counted"] and r["counted"]["reduce_scatter"]["calls"] > 0
 
 
-def test_moe_baseline_all_to_all_crosses_nodes(tmp):
-    r = comm(tmp, "moe", 4, 2)
-    assert r["dispatcher"] == "alltoall" and r["counted"] == r["predicted"]
-    a2a = r["counted"]["all_to_all"]
-    assert a2a["cross_node_bytes"] > 0 and a2a["cross_node_bytes"] * 3 == a2a["bytes"] * 2
-    assert ["all_to_all_single", "ep", True] in r["collectives"]
-
-
 def test_two_level_sum_from_its_threshold_on():
     """parallel.two_level_min_bytes: a sum of fewer bytes is predicted flat (one call), one of
     at least that many two-level, as Federation.all_reduce chooses at run time."""
@@ -119,3 +124,20 @@ def test_two_level_sum_from_its_threshold_on():
     assert set(below) == {"all_reduce"} and below["all_reduce"]["calls"] == 5
     assert set(at) == {"all_reduce", "reduce_scatter", "all_gather"}
     assert at["reduce_scatter"]["calls"] == at["all_gather"]["calls"] == 5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--baseline", "configs/quickstart/foe.yaml"], "--baseline: give the FoE recipe as"),
+    (["--baseline-out", "moe.json"], "--baseline-out: needs --baseline"),
+    (["--nodes", "3"], "--nodes 3 must divide --nproc 4"),
+])
+def test_comm_refuses_in_one_line(args, message, monkeypatch, capsys):
+    def no_launch(*a, **k):
+        raise AssertionError("a refused count must start no process")
+
+    monkeypatch.setattr(torchrun, "run_local", no_launch)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["comm", "--config", "configs/quickstart/foe.yaml", "--nproc", "4", *args])
+    err = capsys.readouterr()
+    assert exc.value.code == 2 and err.err.count("\n") == 1, err.err
+    assert message in err.err and not err.out

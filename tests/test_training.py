@@ -117,9 +117,8 @@ def test_training_learns_below_unigram_entropy(tmp_path, entropy, layout):
     assert summary["tokens"] == 100 * 16 * 64 and summary["params"] > 0
 
 
-def test_resume_after_sigkill_repeats_the_loss_sequence(tmp_path):
-    reference = tmp_path / "reference"
-    said = train_output(reference)
+def test_resume_after_sigkill_repeats_the_loss_sequence(tmp_path, finished_run):
+    reference, said = finished_run
     for line in ("foe-train: saved iter_0000003 (step 3) to ", "foe-train: saved iter_0000008 ",
                  "foe-train: finished at step 8 in ", f"; run directory {reference}\n",
                  f"foe-train: summary {reference / 'summary.json'}, metrics "
@@ -176,32 +175,31 @@ def test_resume_after_sigkill_repeats_the_loss_sequence(tmp_path):
         assert damage(copy).startswith(f"{copy / name} {why}"), damage(copy)
 
 
-def test_reshard_checkpoint_to_other_data_and_cluster_ranks(tmp_path):
+def test_reshard_checkpoint_to_other_data_and_cluster_ranks(tmp_path, finished_run):
     """Saved at (D, L) = (1, 2), continued at (2, 1): the five steps after loading (weights,
-    Adam moments, schedule) match, step by step, the same checkpoint continued at (1, 2)."""
-    saved = tmp_path / "saved"
-    train(saved, "checkpoint.keep=3")
+    Adam moments, schedule) match, step by step, the uninterrupted run at (1, 2), which a
+    resume at the same layout repeats exactly (test_resume_after_sigkill_...)."""
+    saved, _ = finished_run
     assert [p.name for p in complete_checkpoints(saved / "checkpoints")] == [
         "iter_0000003", "iter_0000006", "iter_0000008"]
-    ckpt = str(saved / "checkpoints" / "iter_0000003")
-    same = train(tmp_path / "same", resume=ckpt)
-    resharded = train(tmp_path / "resharded", "parallel.data=2", "parallel.ranks_per_cluster=1",
-                      resume=ckpt)
-    expected, got = metrics(tmp_path / "same"), metrics(tmp_path / "resharded")
+    resharded = train(tmp_path, "parallel.data=2", "parallel.ranks_per_cluster=1",
+                      resume=str(saved / "checkpoints" / "iter_0000003"))
+    expected = [r for r in metrics(saved) if r["step"] > 3]
+    got = metrics(tmp_path)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [4, 5, 6, 7, 8]
     for a, b in zip(got, expected, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a, b)
+    same = json.loads((saved / "summary.json").read_text())
     assert resharded["final_val_loss"] == pytest.approx(same["final_val_loss"], rel=1e-5)
 
 
-def test_refuses_checkpoint_of_other_cluster_count(tmp_path, capsys):
-    train(tmp_path / "a", "training.train_iters=3")
+def test_refuses_checkpoint_of_other_cluster_count(tmp_path, capsys, finished_run):
     # a run directory stands for its newest intact checkpoint (as for foe-generate); the
     # mismatch is refused before any worker starts
     err = refused(capsys, "--config", TINY, "--nproc", "4", f"logging.run_dir={tmp_path / 'b'}",
                   "parallel.clusters=4", "parallel.ranks_per_cluster=1", "model.cluster_topk=1",
-                  "--resume", str(tmp_path / "a"))
+                  "--resume", str(finished_run[0]))
     assert err.startswith("error: parallel.clusters: checkpoint") and "saved with clusters=2" in err
 
 
