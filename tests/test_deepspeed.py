@@ -25,7 +25,7 @@ from tests.test_training import refused
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "tests" / "recipes" / "tiny.yaml")
 QUICK = ROOT / "configs" / "quickstart"
-STEPS = 20
+STEPS = 12
 # the quickstart recipes as they are (4 layers, 200-step schedule), at a quarter of the
 # sequence length, with smaller micro-batches where that makes DeepSpeed accumulate gradients
 CASES = [
@@ -113,8 +113,8 @@ def test_zero_trains_to_the_megatron_engines_losses_and_grad_norms(compared, cas
     assert len(megatron["loss"]) == STEPS
     # the comparison means something: training moves the loss, and clipping (to
     # training.clip_grad=1) acts on some steps
-    assert megatron["loss"][-1] < megatron["loss"][0] - 0.5
-    assert max(megatron["grad_norm"]) > 1.0
+    assert megatron["loss"][-1] < megatron["loss"][0] - 0.5, megatron
+    assert max(megatron["grad_norm"]) > 1.0, megatron
     for stage in ("zero1", "zero2"):
         assert relative(records[stage]["loss"], megatron["loss"]) <= 1e-4, (stage, records)
         assert relative(records[stage]["grad_norm"], megatron["grad_norm"]) <= 1e-4, \
