@@ -9,3 +9,12 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*"
 # megatron-core 0.16 calls torch.distributed.all_gather_into_tensor, which torch 2.13 flags as
 # deprecated once per process and rank
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated")
+
+import atexit  # noqa: E402
+import gc  # noqa: E402
+
+# Interpreter teardown garbage-collects torch's and megatron-core's ~400k objects again and
+# again as it clears the modules: about 1.3 s of CPU in every process that ends (each rank of
+# every launch). Registered first, this runs after every other exit handler and leaves those
+# objects to the OS; what foe-train writes is closed or flushed explicitly before.
+atexit.register(gc.freeze)
