@@ -119,3 +119,21 @@ def test_latency_refuses_bad_batch_in_one_line(tmp_path):
         timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "model.seq_length=32" in proc.stderr
+
+
+def test_table_speedups_read_the_same_way_for_times_and_throughput():
+    """> 1 means the first member is faster on every line: the MoE's time over FoE's, and
+    FoE's tokens/s over the MoE's."""
+    from foe_train.bench.latency import format_table
+
+    def member(seconds: float, tokens_per_s: float) -> dict:
+        timed = {key: {"median": seconds} for key in ("forward", "ttft", "tbt")}
+        return {**timed, "tokens_per_s": {"median": tokens_per_s}, "comm": {},
+                "imbalance": {"max_over_mean": 1.0}}
+
+    row = {"batch": 4, "prompt_len": 16, "per_rep": {},
+           "foe": member(0.5, 40.0), "moe": member(1.0, 20.0)}
+    lines = format_table([row], ("foe", "moe")).splitlines()
+    assert "foe speedup" in lines[0]
+    speedups = {line.split()[2]: float(line.split()[-1]) for line in lines[1:5]}
+    assert speedups == {"forward": 2.0, "ttft": 2.0, "tbt": 2.0, "tokens_per_s": 2.0}

@@ -168,16 +168,20 @@ def measure(members: list[Member], batch: int, prompt_len: int, gen_len: int, re
 
 
 def format_table(rows: list[dict[str, Any]], names: tuple[str, str]) -> str:
+    """One line per row and metric: both members' medians and the first member's speedup
+    (the second's time over the first's; for tokens/s the first's over the second's), so
+    > 1 means the first member is faster on every line."""
     a, b = names
-    lines = [f"{'batch':>5} {'prompt':>6}  {'metric':<12} {a:>10} {b:>10} {b + '/' + a:>9}"
+    lines = [f"{'batch':>5} {'prompt':>6}  {'metric':<12} {a:>10} {b:>10} {a + ' speedup':>13}"
              f"  per rep p10-p90"]
     for row in rows:
         for key, unit, scale in (("forward", "ms", 1e3), ("ttft", "ms", 1e3),
                                  ("tbt", "ms", 1e3), ("tokens_per_s", "tok/s", 1)):
             va, vb = row[a][key]["median"] * scale, row[b][key]["median"] * scale
+            speedup = va / vb if key == "tokens_per_s" else vb / va
             spread = row["per_rep"].get(key)
             lines.append(f"{row['batch']:>5} {row['prompt_len']:>6}  {key + ' ' + unit:<12} "
-                         f"{va:>10.2f} {vb:>10.2f} {vb / va:>9.2f}"
+                         f"{va:>10.2f} {vb:>10.2f} {speedup:>13.2f}"
                          + (f"  {spread['p10']:.2f}-{spread['p90']:.2f}" if spread else ""))
         for name in names:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['bytes'] / 1e6:.2f}MB"
