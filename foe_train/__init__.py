@@ -1,5 +1,7 @@
 """foe-train: Federation-of-Experts language models on megatron-core."""
 
+import atexit
+import gc
 import warnings
 
 # megatron-core warns at import about optional accelerators (apex, TE, absl) that CPU runs do
@@ -9,9 +11,6 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*"
 # megatron-core 0.16 calls torch.distributed.all_gather_into_tensor, which torch 2.13 flags as
 # deprecated once per process and rank
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated")
-
-import atexit  # noqa: E402
-import gc  # noqa: E402
 
 # Interpreter teardown garbage-collects torch's and megatron-core's ~400k objects again and
 # again as it clears the modules: about 1.5 s of CPU in every process that ends (each rank of

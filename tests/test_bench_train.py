@@ -66,12 +66,19 @@ def test_paired_ratios_are_per_round():
     (["--pair", *PAIR, "--nproc", "4", "--steps", "0"], "--steps 0"),
 ])
 def test_train_bench_refuses_in_one_line(args, message, monkeypatch, capsys):
+    assert message in refused(monkeypatch, capsys, "train", *args)
+
+
+def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """foe-bench ARGV refused before any process starts: exit 2, nothing on stdout, one line
+    on stderr (returned)."""
     def no_launch(*a, **k):
         raise AssertionError("a refused benchmark must start no process")
 
     monkeypatch.setattr(torchrun, "run_local", no_launch)
     with pytest.raises(SystemExit) as exc:
-        bench_main(["train", *args])
+        bench_main(list(argv))
     err = capsys.readouterr()
     assert exc.value.code == 2 and err.err.count("\n") == 1, err.err
-    assert message in err.err and not err.out
+    assert not err.out
+    return err.err

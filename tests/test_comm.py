@@ -9,9 +9,8 @@ import pytest
 
 from foe_train.bench.comm_model import predict
 from foe_train.bench.comm_run import cross_node_per_token, table
-from foe_train.cli import bench_main
 from foe_train.config import load_config
-from launch import torchrun
+from tests.test_bench_train import refused
 
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
 
@@ -132,12 +131,5 @@ def test_two_level_sum_from_its_threshold_on():
     (["--nodes", "3"], "--nodes 3 must divide --nproc 4"),
 ])
 def test_comm_refuses_in_one_line(args, message, monkeypatch, capsys):
-    def no_launch(*a, **k):
-        raise AssertionError("a refused count must start no process")
-
-    monkeypatch.setattr(torchrun, "run_local", no_launch)
-    with pytest.raises(SystemExit) as exc:
-        bench_main(["comm", "--config", "configs/quickstart/foe.yaml", "--nproc", "4", *args])
-    err = capsys.readouterr()
-    assert exc.value.code == 2 and err.err.count("\n") == 1, err.err
-    assert message in err.err and not err.out
+    assert message in refused(monkeypatch, capsys, "comm", "--config",
+                              "configs/quickstart/foe.yaml", "--nproc", "4", *args)
