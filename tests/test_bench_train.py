@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from foe_train.bench.stats import paired_ratios
+from foe_train.bench.stats import median_interval, paired_ratios
 from foe_train.cli import bench_main
 from launch import torchrun
 
@@ -48,6 +48,7 @@ def test_train_bench_pair_json(tmp_path):
         row["foe"]["cpu_s"]["median"] / row["moe"]["cpu_s"]["median"])
     rounds = row["ratio"]["per_round"]
     assert 0 < rounds["p10"] <= rounds["median"] <= rounds["p90"] and 0 <= rounds["wins"] <= 1
+    assert rounds["ci95_low"] <= rounds["median"] <= rounds["ci95_high"]
     assert any(k.startswith("all_to_all@ep") for k in row["moe"]["collectives"])
     assert not runs.exists()  # no checkpoints, metrics or W&B run
 
@@ -57,6 +58,15 @@ def test_paired_ratios_are_per_round():
     rounds = paired_ratios([100.0, 50.0, 110.0], [100.0, 50.0, 100.0])
     assert rounds["median"] == pytest.approx(1.0) and rounds["p90"] == pytest.approx(1.1)
     assert rounds["wins"] == pytest.approx(1 / 3)
+    assert (rounds["ci95_low"], rounds["ci95_high"]) == pytest.approx((1.0, 1.1))
+
+
+@pytest.mark.parametrize(("n", "ranks"), [(5, (1, 5)), (6, (1, 6)), (10, (2, 9)), (20, (6, 15)),
+                                          (60, (22, 39)), (100, (40, 61))])
+def test_median_interval_is_the_binomial_order_statistics(n, ranks):
+    # the ranks of the 95% interval of a median that tables of the sign test give
+    values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+    assert median_interval(values) == ranks
 
 
 @pytest.mark.parametrize(("args", "message"), [

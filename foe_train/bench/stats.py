@@ -3,6 +3,7 @@ ratio of each interleaved round, which tells parity from a real gap on a noisy m
 
 from __future__ import annotations
 
+import math
 import statistics
 
 
@@ -15,8 +16,28 @@ def summary(values: list[float]) -> dict[str, float]:
             "p90": ordered[round(0.9 * last)], "mean": statistics.fmean(ordered)}
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics j and n+1-j
+    of the sorted values, with the largest j such that fewer than j of n values fall below the
+    true median with probability at most (1 - level)/2 (a binomial tail with p = 1/2). It makes
+    no assumption about the noise and draws nothing at random. With fewer than 6 values no
+    pair of order statistics reaches 95%: the whole range is returned."""
+    ordered = sorted(values)
+    n, tail = len(ordered), (1 - level) / 2
+    j, below = 0, 1 / 2**n  # below: P(at most j values fall below the median)
+    while j < n // 2 and below <= tail:
+        j += 1
+        below += math.comb(n, j) / 2**n
+    j = max(j, 1)
+    return ordered[j - 1], ordered[n - j]
+
+
 def paired_ratios(num: list[float], den: list[float]) -> dict[str, float]:
     """num/den of each round (the two members measured back to back, so a slow spell of the
-    machine hits both): the summary of the ratios and ``wins``, the share of rounds above 1."""
+    machine hits both): the summary of the ratios, ``ci95_low``/``ci95_high`` (the 95%
+    interval of their median, ``median_interval``: parity when it holds 1) and ``wins``, the
+    share of rounds above 1."""
     ratios = [n / d for n, d in zip(num, den, strict=True)]
-    return {**summary(ratios), "wins": sum(r > 1 for r in ratios) / len(ratios)}
+    low, high = median_interval(ratios)
+    return {**summary(ratios), "ci95_low": low, "ci95_high": high,
+            "wins": sum(r > 1 for r in ratios) / len(ratios)}

@@ -124,7 +124,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f" FoE/MoE {row['ratio']['cpu_s']:.3f})")
         rounds = row["ratio"]["per_round"]
         lines.append(f"ratio foe/moe tokens/s (median): {row['ratio']['tokens_per_s']:.3f}; "
-                     f"per round: median {rounds['median']:.3f}, p10 {rounds['p10']:.3f}, "
+                     f"per round: median {rounds['median']:.3f} (95% CI {rounds['ci95_low']:.3f}-"
+                     f"{rounds['ci95_high']:.3f}), p10 {rounds['p10']:.3f}, "
                      f"p90 {rounds['p90']:.3f}, FoE faster in {rounds['wins']:.0%}")
         for kind in KINDS:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['calls']}"
