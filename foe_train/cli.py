@@ -5,23 +5,40 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from foe_train.config import ConfigError, RecipeConfig, load_config
 
 
-def _fail(msg: str) -> NoReturn:
+def fail(msg: str) -> NoReturn:
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr and exit 2, like every other error
     (--help still prints the full usage)."""
 
     def error(self, message: str) -> NoReturn:
-        _fail(f"{message}; see {self.prog} --help")
+        fail(f"{message}; see {self.prog} --help")
+
+
+def at_least(least: int) -> Callable[[str], int]:
+    """argparse ``type`` of a count option: a whole number of at least ``least``, so that 0 or
+    a negative count is refused by the parser, before any process starts."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}; pass at least {least}")
+        return value
+
+    return count
 
 
 def bench_main(argv: list[str] | None = None) -> None:
@@ -36,14 +53,14 @@ def bench_main(argv: list[str] | None = None) -> None:
 
         project_main(argv[1:])
         return
-    ap = argparse.ArgumentParser(prog="foe-bench")
+    ap = OneLineParser(prog="foe-bench")
     sub = ap.add_subparsers(dest="cmd", required=True)
     comm = sub.add_parser("comm", help="count collective bytes of one step vs DESIGN §3")
     comm.add_argument("--config", required=True)
-    comm.add_argument("--nproc", type=int, required=True)
-    comm.add_argument("--nodes", type=int, default=1)
+    comm.add_argument("--nproc", type=at_least(1), required=True)
+    comm.add_argument("--nodes", type=at_least(1), default=1)
     comm.add_argument("--backward", action="store_true")
-    comm.add_argument("--micro-batch", type=int, default=1)
+    comm.add_argument("--micro-batch", type=at_least(1), default=1)
     comm.add_argument("--out", help="also write the JSON report here")
     comm.add_argument("--json", action="store_true", help="print the JSON report")
     comm.add_argument("--baseline", metavar="MOE.yaml",
@@ -58,23 +75,25 @@ def bench_main(argv: list[str] | None = None) -> None:
     weights.add_argument("--checkpoints", nargs=2, metavar=("RUN_A", "RUN_B"),
                          help="foe-train runs (or iter_N directories): trained weights and "
                               "their own recipes; overrides may change only parallel.*")
-    lat.add_argument("--nproc", type=int, required=True)
-    lat.add_argument("--nodes", type=int, default=1)
+    lat.add_argument("--nproc", type=at_least(1), required=True)
+    lat.add_argument("--nodes", type=at_least(1), default=1)
     lat.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
-    lat.add_argument("--batch", nargs="+", type=int, default=[4])
-    lat.add_argument("--prompt-len", nargs="+", type=int, default=[64])
-    lat.add_argument("--gen-len", type=int, default=8)
-    lat.add_argument("--reps", type=int, default=3)
+    lat.add_argument("--batch", nargs="+", type=at_least(1), default=[4])
+    lat.add_argument("--prompt-len", nargs="+", type=at_least(1), default=[64])
+    lat.add_argument("--gen-len", type=at_least(2), default=8,
+                     help="tokens per request: the prefill's and at least one decode step")
+    lat.add_argument("--reps", type=at_least(1), default=3)
     lat.add_argument("--json", action="store_true")
     lat.add_argument("--out", help="also write the JSON report here")
     lat.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
     tr = sub.add_parser("train", help="training tokens/s of a FoE/MoE pair, with op profiles")
     tr.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
-    tr.add_argument("--nproc", type=int, required=True)
-    tr.add_argument("--nodes", type=int, default=1)
+    tr.add_argument("--nproc", type=at_least(1), required=True)
+    tr.add_argument("--nodes", type=at_least(1), default=1)
     tr.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
-    tr.add_argument("--steps", type=int, default=20, help="timed steps of each member")
-    tr.add_argument("--warmup", type=int, default=3, help="untimed steps of each member first")
+    tr.add_argument("--steps", type=at_least(1), default=20, help="timed steps of each member")
+    tr.add_argument("--warmup", type=at_least(0), default=3,
+                    help="untimed steps of each member first")
     tr.add_argument("--json", action="store_true")
     tr.add_argument("--out", help="also write the JSON report here")
     tr.add_argument("overrides", nargs="*", help="dotted key=value overrides for both")
@@ -90,7 +109,7 @@ def bench_main(argv: list[str] | None = None) -> None:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.nodes < 1 or args.nproc % args.nodes:
+        if args.nproc % args.nodes:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
         node_of_rank = consecutive_nodes(args.nproc, args.nodes)
         check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
@@ -103,7 +122,7 @@ def bench_main(argv: list[str] | None = None) -> None:
                                   "recipe as --baseline")
             check_layout(base.model, base.parallel, args.nproc, node_of_rank)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     sys.exit(_comm(args, cfg))
 
 
@@ -140,18 +159,22 @@ def _latency(args: argparse.Namespace) -> None:
     from foe_train.topology import check_layout, consecutive_nodes
 
     try:
-        if args.nodes < 1 or args.nproc % args.nodes:
+        if args.nproc % args.nodes:
             raise ConfigError(f"--nodes {args.nodes} must divide --nproc {args.nproc}")
         node_of_rank = consecutive_nodes(args.nproc, args.nodes)
         trained = args.checkpoints is not None
         for path in args.checkpoints or args.pair:
             cfg, _ = member_config(path, args.overrides, trained)
-            check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank)
+            shards = check_layout(cfg.model, cfg.parallel, args.nproc, node_of_rank).token_shards
+            for batch in args.batch:
+                if batch % shards:
+                    raise ConfigError(f"--batch {batch}: not divisible by the {shards} token "
+                                      f"shards of {path}; use a multiple of {shards}")
             if max(args.prompt_len) + args.gen_len > cfg.model.seq_length:
                 raise ConfigError(f"--prompt-len + --gen-len exceed model.seq_length="
                                   f"{cfg.model.seq_length} of {path}; shorten them")
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     source = ["--checkpoints", *args.checkpoints] if trained else ["--pair", *args.pair]
     worker = [*source, "--batch", *map(str, args.batch), "--prompt-len",
               *map(str, args.prompt_len), "--gen-len", str(args.gen_len), "--reps",
@@ -166,7 +189,7 @@ def _latency(args: argparse.Namespace) -> None:
             code = run_emulated("foe_train.bench.latency", worker, args.nproc, args.nodes,
                                 args.link_rate)
         except NetnsError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         sys.exit(code)
     from launch.torchrun import run_local
 
@@ -179,9 +202,6 @@ def _train_bench(args: argparse.Namespace) -> None:
     from foe_train.train.preflight import preflight
 
     try:
-        if args.steps < 1 or args.warmup < 0:
-            raise ConfigError(f"--steps {args.steps} / --warmup {args.warmup}: need at least "
-                              f"one timed step and no negative warm-up")
         cfgs = [load_config(path, args.overrides) for path in args.pair]
         if sorted(cfg.model.kind for cfg in cfgs) != ["foe", "moe"]:
             raise ConfigError(f"--pair: {' and '.join(args.pair)} are model.kind "
@@ -190,7 +210,7 @@ def _train_bench(args: argparse.Namespace) -> None:
         for cfg in cfgs:
             preflight(cfg, args.nproc, args.nodes)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     worker = ["--pair", *args.pair, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     worker += ["--json"] if args.json else []
     worker += ["--out", args.out] if args.out else []
@@ -205,7 +225,7 @@ def _train_bench(args: argparse.Namespace) -> None:
             code = run_emulated("foe_train.bench.train_bench", worker, args.nproc, args.nodes,
                                 args.link_rate, env=env)
         except NetnsError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         sys.exit(code)
     from launch.torchrun import run_local
 
@@ -219,10 +239,11 @@ def train_main(argv: list[str] | None = None) -> None:
     Under torchrun (LOCAL_RANK set) this process trains; with --nproc it starts torchrun
     itself for a run on this machine, after checking the recipe, the run directory and the
     checkpoint to resume from, so those errors come before any worker starts."""
-    ap = _OneLineParser(prog="foe-train", description="train an FoE or MoE recipe")
+    ap = OneLineParser(prog="foe-train", description="train an FoE or MoE recipe")
     ap.add_argument("--config", help="recipe YAML (required)")
-    ap.add_argument("--nproc", type=int, help="start N processes on this machine")
-    ap.add_argument("--nodes", type=int, default=1, help="as M emulated nodes (c10d on loopback)")
+    ap.add_argument("--nproc", type=at_least(1), help="start N processes on this machine")
+    ap.add_argument("--nodes", type=at_least(1), default=1,
+                    help="as M emulated nodes (c10d on loopback)")
     ap.add_argument("--resume", help="'auto': this run's newest intact checkpoint (none: start "
                                      "fresh); a run directory; or an iter_N checkpoint")
     ap.add_argument("--overwrite", action="store_true",
@@ -230,7 +251,7 @@ def train_main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     args = ap.parse_args(argv)
     if not args.config:
-        _fail("--config: required; pass a recipe, e.g. --config configs/quickstart/foe.yaml")
+        fail("--config: required; pass a recipe, e.g. --config configs/quickstart/foe.yaml")
     from foe_train.train.preflight import preflight, prepare_run_dir
 
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
@@ -240,12 +261,12 @@ def train_main(argv: list[str] | None = None) -> None:
         if args.nproc is not None:
             prepare_run_dir(cfg, args.resume, args.overwrite)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     worker = ["--config", args.config]
     worker += ["--resume", args.resume] if args.resume else []
     if args.nproc is None:
         if "LOCAL_RANK" not in os.environ:
-            _fail("--nproc: not under torchrun; pass --nproc N to start N processes here")
+            fail("--nproc: not under torchrun; pass --nproc N to start N processes here")
         from foe_train.train.__main__ import main
 
         main(worker + (["--overwrite"] if args.overwrite else []) + args.overrides)
@@ -261,7 +282,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     report.json, PNG plots; foe_train/report.py)."""
     from foe_train.report import side_by_side, write_report
 
-    ap = _OneLineParser(prog="foe-compare", description="compare finished runs")
+    ap = OneLineParser(prog="foe-compare", description="compare finished runs")
     ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--out", help="write report.md, report.json and PNG plots here")
     ap.add_argument("--baseline", help="member (logging.name) the gaps are taken against "
@@ -276,7 +297,7 @@ def compare_main(argv: list[str] | None = None) -> None:
                          args.bench)
             print(f"foe-compare: report {Path(args.out) / 'report.md'}")
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def budget_main(argv: list[str] | None = None) -> None:
@@ -286,7 +307,7 @@ def budget_main(argv: list[str] | None = None) -> None:
     compares their results: prints both budgets side by side, exits 0 when every number is
     equal (FoE's per-cluster norms excepted), 1 naming the fields that differ, 2 with one line
     on stderr when a recipe is bad."""
-    ap = _OneLineParser(
+    ap = OneLineParser(
         prog="foe-budget", description="compare the training budgets of two recipes"
     )
     ap.add_argument("a", help="first recipe (YAML)")
@@ -303,7 +324,7 @@ def budget_main(argv: list[str] | None = None) -> None:
         a = budget(load_config(args.a, args.set_a))
         b = budget(load_config(args.b, args.set_b))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     mismatches = compare(a, b)
     print(format_side_by_side(args.a, a, args.b, b, mismatches))
     if mismatches:

@@ -196,20 +196,18 @@ def run_study(study: StudyConfig, root: Path, recipes: dict[str, RecipeConfig], 
 
 def main(argv: list[str] | None = None) -> None:
     """foe-study STUDY_DIR [--seeds N] [--runs DIR] [--out DIR] [key=value ...]"""
-    from foe_train.cli import _OneLineParser
+    from foe_train.cli import OneLineParser, at_least
 
-    ap = _OneLineParser(prog="foe-study", description="train, evaluate and compare every "
+    ap = OneLineParser(prog="foe-study", description="train, evaluate and compare every "
                         "member of a study for several seeds")
     ap.add_argument("study", help="study directory holding study.yaml, e.g. configs/study/cpu")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 1..N (default 3)")
+    ap.add_argument("--seeds", type=at_least(1), default=3, help="seeds 1..N (default 3)")
     ap.add_argument("--runs", help="run directories under here (default: the study's runs)")
     ap.add_argument("--out", help="report directory (default RUNS/report)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides for every member")
     args = ap.parse_args(argv)
     try:
         study, root = load_study(args.study)
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds {args.seeds}: must be at least 1")
         overrides = study.overrides + args.overrides
         recipes = {name: load_config(root / path, overrides)
                    for name, path in study.members.items()}

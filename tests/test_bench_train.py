@@ -73,7 +73,7 @@ def test_median_interval_is_the_binomial_order_statistics(n, ranks):
     (["--pair", PAIR[0], PAIR[0], "--nproc", "4"], "pass one foe and one moe recipe"),
     (["--pair", *PAIR, "--nproc", "3"], "the world size is 3"),
     (["--pair", *PAIR, "--nproc", "4", "--nodes", "3"], "--nodes 3 must divide"),
-    (["--pair", *PAIR, "--nproc", "4", "--steps", "0"], "--steps 0"),
+    (["--pair", *PAIR, "--nproc", "4", "--steps", "0"], "--steps: 0 is below 1"),
 ])
 def test_train_bench_refuses_in_one_line(args, message, monkeypatch, capsys):
     assert message in refused(monkeypatch, capsys, "train", *args)

@@ -35,7 +35,7 @@ from foe_train import checkpoint
 from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.stats import paired_ratios, summary
-from foe_train.config import ConfigError, RecipeConfig, load_config
+from foe_train.config import RecipeConfig, load_config
 from foe_train.infer.generate import decode_step, inference_config, new_context, prefill
 from foe_train.model.builder import build_model
 from foe_train.model.head import greedy
@@ -64,10 +64,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def _prompts(member: Member, batch: int, prompt_len: int) -> torch.Tensor:
-    shards = member.topo.token_shards
-    if batch % shards:
-        raise ConfigError(f"--batch {batch}: not divisible by the {shards} token shards of "
-                          f"{member.name}; use a multiple of {shards}")
+    shards = member.topo.token_shards  # the CLI checked that they divide the batch
     gen = torch.Generator().manual_seed(member.topo.token_shard)
     tokens = torch.randint(0, member.cfg.model.vocab_size, (batch // shards, prompt_len),
                            generator=gen)

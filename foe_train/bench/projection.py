@@ -96,6 +96,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from foe_train.bench.comm_model import Link, comm_seconds, federated_sums, predict
+from foe_train.cli import OneLineParser, at_least, fail
 from foe_train.config import (
     ConfigError,
     ModelConfig,
@@ -610,11 +611,6 @@ def format_measured(rows: list[dict[str, Any]], names: tuple[str, str], hw: Hard
     return "\n".join(lines)
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _calibrate(args: argparse.Namespace) -> None:
     """Run the collective micro-benchmarks on emulated nodes, fit, print, write."""
     from foe_train.bench.collectives import calibrate
@@ -624,7 +620,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     try:
         result = calibrate(nodes, args.nproc, args.link_rate)
     except NetnsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for p in result["points"]:
         print(f"{p['op']:<10} {p['scope']:<10} {p['size']:>8} B  measured "
               f"{p['seconds'] * 1e3:9.3f} ms  fitted {p['fitted_seconds'] * 1e3:9.3f} ms")
@@ -718,19 +714,19 @@ def project_main(argv: list[str] | None = None) -> None:
     [key=value ... as the latency run had them]
     foe-bench project --calibrate --link-rate 1gbit [--nodes 2 --nproc 4] [--out FIT.json]
     [--hardware-out HW.yaml]"""
-    ap = argparse.ArgumentParser(prog="foe-bench project")
+    ap = OneLineParser(prog="foe-bench project")
     ap.add_argument("--pair", nargs=2, metavar=("A.yaml", "B.yaml"))
     ap.add_argument("--cluster", help="hardware description (configs/hardware/*.yaml)")
-    ap.add_argument("--nodes", type=int, nargs="+", action="extend",
+    ap.add_argument("--nodes", type=at_least(1), nargs="+", action="extend",
                     help="node counts to project (repeatable); with --calibrate: emulated nodes")
-    ap.add_argument("--batch", type=int, help="prompts per request (default: one per GPU)")
-    ap.add_argument("--prompt-len", type=int,
+    ap.add_argument("--batch", type=at_least(1), help="prompts per request (default: one per GPU)")
+    ap.add_argument("--prompt-len", type=at_least(1),
                     help="fixed prompt length (default: LongBench-shaped lengths)")
-    ap.add_argument("--requests", type=int, default=32,
+    ap.add_argument("--requests", type=at_least(1), default=32,
                     help="LongBench-shaped requests averaged when no --prompt-len")
     ap.add_argument("--longbench-dir", help="local LongBench *.jsonl files to draw prompts from")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gen-len", type=int, default=8)
+    ap.add_argument("--gen-len", type=at_least(1), default=8)
     ap.add_argument("--calibration", help="fitted alpha/beta JSON replacing the cluster links")
     ap.add_argument("--imbalance", type=float, nargs=2, metavar=("A_F", "B_F"),
                     help="max/mean expert load of each member's slowest rank, in --pair order "
@@ -745,7 +741,7 @@ def project_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calibrate", action="store_true",
                     help="measure collectives on emulated nodes and fit alpha/beta")
     ap.add_argument("--link-rate", default="1gbit", help="emulated inter-node link cap")
-    ap.add_argument("--nproc", type=int, default=4, help="ranks of the calibration run")
+    ap.add_argument("--nproc", type=at_least(1), default=4, help="ranks of the calibration run")
     ap.add_argument("--hardware-out", help="with --calibrate: write a hardware YAML here")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides for both recipes")
     args = ap.parse_args(argv)
@@ -753,7 +749,7 @@ def project_main(argv: list[str] | None = None) -> None:
         _calibrate(args)
         return
     if not args.pair or not args.cluster:
-        _fail("--pair A.yaml B.yaml and --cluster HW.yaml are required (or pass --calibrate)")
+        fail("--pair A.yaml B.yaml and --cluster HW.yaml are required (or pass --calibrate)")
     try:
         hw = load_hardware(args.cluster, args.calibration)
         cfgs = tuple(load_config(path, args.overrides) for path in args.pair)
@@ -770,7 +766,7 @@ def project_main(argv: list[str] | None = None) -> None:
                                  imbalance or (1.0, 1.0)) for n in args.nodes or [1]]
             table = format_table(rows, names, hw, source)
     except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     report = {"cluster": hw.model_dump(), "calibration": args.calibration,
               "measured": args.measured, "imbalance_source": source, "rows": rows}
     text = json.dumps(report, indent=1)

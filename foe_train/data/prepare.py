@@ -7,7 +7,6 @@ crash never leaves a PREFIX.idx beside a partial PREFIX.bin."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import os
@@ -222,7 +221,9 @@ def default_corpus(cache_dir: str, tokenizer: Tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """foe-prepare-data: tokenize local files into a megatron indexed dataset."""
-    ap = argparse.ArgumentParser(prog="foe-prepare-data", description=main.__doc__)
+    from foe_train.cli import OneLineParser, at_least
+
+    ap = OneLineParser(prog="foe-prepare-data", description=main.__doc__)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="text (.txt: one document per file), json/jsonl or parquet files")
     ap.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE",
                     help="train a BPE on the inputs first; saved as PREFIX.tokenizer.json")
     ap.add_argument("--text-key", default="text", help="text column of json/parquet records")
-    ap.add_argument("--num-proc", type=int, default=1)
+    ap.add_argument("--num-proc", type=at_least(1), default=1)
     args = ap.parse_args(argv)
     try:
         if args.train_bpe is not None:
@@ -240,8 +241,6 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer: Tokenizer | None = None
         else:
             tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_path)
-        if args.num_proc < 1:
-            raise DataError(f"--num-proc: must be at least 1 (got {args.num_proc})")
         prepare_dataset(args.input, args.output_prefix, tokenizer, args.text_key,
                         args.num_proc, bpe_vocab_size=args.train_bpe)
     except ConfigError as exc:

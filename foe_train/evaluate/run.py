@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from foe_train import checkpoint
+from foe_train.cli import OneLineParser, at_least
 from foe_train.config import ConfigError, RecipeConfig
 from foe_train.data.tokenizers import Tokenizer, build_tokenizer
 from foe_train.evaluate import longbench, tasks
@@ -75,7 +76,7 @@ def _numbers(spec: str | None, kind: type, flag: str) -> list | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="foe-eval", description="evaluate a foe-train checkpoint")
+    ap = OneLineParser(prog="foe-eval", description="evaluate a foe-train checkpoint")
     ap.add_argument("--checkpoint", required=True,
                     help="iter_N directory, or a run directory (its newest checkpoint)")
     ap.add_argument("--tasks", default="val",
@@ -84,13 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                                       "(default: seq_length/2 and seq_length-16)")
     ap.add_argument("--depths", help="needle depths in [0, 1], comma-separated (default "
                                      "0,0.5,1)")
-    ap.add_argument("--samples", type=int, default=4, help="prompts per length x depth cell")
+    ap.add_argument("--samples", type=at_least(1), default=4,
+                    help="prompts per length x depth cell")
     ap.add_argument("--longbench-dir", help="LongBench's data directory (NAME.jsonl files)")
-    ap.add_argument("--limit", type=int, help="first N records of each LongBench task")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch")
+    ap.add_argument("--limit", type=at_least(1), help="first N records of each LongBench task")
+    ap.add_argument("--batch", type=at_least(1), default=16, help="prompts per generation batch")
     ap.add_argument("--out", help="results file (default <run_dir>/eval.json)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--nproc", type=int,
+    ap.add_argument("--nproc", type=at_least(1),
                     help="processes to start (default: the checkpoint's world size)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (parallel.*, ...)")
     return ap
@@ -233,8 +235,6 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 def check(args: argparse.Namespace, cfg: RecipeConfig) -> None:
     """Every input problem foe-eval can see before starting processes, as a ConfigError."""
     names = parse_tasks(args.tasks)
-    if args.samples < 1 or args.batch < 1 or (args.limit is not None and args.limit < 1):
-        raise ConfigError("--samples, --batch and --limit must be at least 1")
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
     lengths, depths = _retrieval_grid(args, cfg)
     for task in names:

@@ -39,6 +39,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 
 from foe_train import checkpoint
+from foe_train.cli import OneLineParser, at_least, fail
 from foe_train.config import (
     ConfigError,
     RecipeConfig,
@@ -224,19 +225,19 @@ def inference_dtype(cfg: RecipeConfig) -> torch.dtype:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = OneLineParser(
         prog="foe-generate",
         description="generate text from a foe-train checkpoint (or a recipe's random weights)",
     )
     ap.add_argument("--checkpoint", help="iter_N directory, or a run directory (newest)")
     ap.add_argument("--config", help="recipe YAML: random weights instead of a checkpoint")
     ap.add_argument("--prompt", action="append", required=True, help="repeatable")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=32)
     ap.add_argument("--top-p", type=float, help="sample from the top-p nucleus (default greedy)")
     ap.add_argument("--temperature", type=float,
                     help="sampling temperature (default 1 with --top-p, else 0 = greedy)")
     ap.add_argument("--seed", type=int, help="sampling seed (default: the recipe's seed)")
-    ap.add_argument("--nproc", type=int,
+    ap.add_argument("--nproc", type=at_least(1),
                     help="processes to start (default: the checkpoint's or recipe's world size)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     return ap
@@ -269,11 +270,6 @@ def start_workers(module: str, argv: list[str], nproc: int, banner: str) -> NoRe
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     flags = ("checkpoint", "config", "max_new_tokens", "top_p", "temperature", "seed")
     return [f"--prompt={p}" for p in args.prompt] + as_flags(args, flags) + args.overrides
-
-
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _worker(args: argparse.Namespace, cfg: RecipeConfig, path: Path | None) -> None:
@@ -335,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("--prompt: empty prompt; give at least one character")
         nproc = world_size(cfg, args.nproc)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if under_torchrun():
         if os.environ.get("RANK") == "0":
             weights = f"checkpoint {path}" if path else f"random weights ({args.config})"

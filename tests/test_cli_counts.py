@@ -1,0 +1,52 @@
+"""Count options of every foe-* command (processes, batches, lengths, steps, seeds...) refuse 0,
+negative and non-numeric values in one line before any process starts, instead of failing deep
+inside a run (``foe-bench latency --batch 0`` used to end in a traceback from megatron)."""
+
+import pytest
+
+from foe_train.bench.projection import project_main
+from foe_train.cli import bench_main, train_main
+from foe_train.data.prepare import main as prepare_main
+from foe_train.evaluate.run import main as eval_main
+from foe_train.infer.generate import main as generate_main
+from foe_train.study import main as study_main
+from launch import torchrun
+
+QUICK = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
+LATENCY = ["latency", "--pair", *QUICK, "--nproc", "4"]
+PROJECT = ["--pair", "configs/paper/foe.yaml", "configs/paper/moe.yaml", "--cluster",
+           "configs/hardware/h100-8x.yaml"]
+
+
+@pytest.mark.parametrize(("main", "argv", "says"), [
+    (bench_main, [*LATENCY, "--batch", "4", "0"], "argument --batch: 0 is below 1"),
+    (bench_main, [*LATENCY, "--prompt-len", "-8"], "argument --prompt-len: -8 is below 1"),
+    (bench_main, [*LATENCY, "--gen-len", "1"], "argument --gen-len: 1 is below 2"),
+    (bench_main, [*LATENCY, "--reps", "two"], "argument --reps: 'two' is not a whole number"),
+    # each member splits the batch over its token shards: the FoE's D*L = 2
+    (bench_main, [*LATENCY, "--batch", "3"], "--batch 3: not divisible by the 2 token shards"),
+    (bench_main, ["comm", "--config", QUICK[0], "--nproc", "4", "--micro-batch", "0"],
+     "argument --micro-batch: 0 is below 1"),
+    (bench_main, ["train", "--pair", *QUICK, "--nproc", "4", "--warmup", "-1"],
+     "argument --warmup: -1 is below 0"),
+    (bench_main, ["project", *PROJECT, "--nodes", "1", "0"], "argument --nodes: 0 is below 1"),
+    (bench_main, ["project", *PROJECT, "--requests", "0"], "argument --requests: 0 is below 1"),
+    (project_main, [*PROJECT, "--batch", "0"], "argument --batch: 0 is below 1"),
+    (train_main, ["--config", QUICK[0], "--nproc", "0"], "argument --nproc: 0 is below 1"),
+    (generate_main, ["--config", QUICK[0], "--prompt", "x", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: 0 is below 1"),
+    (eval_main, ["--checkpoint", "runs/x", "--samples", "0"], "argument --samples: 0 is below 1"),
+    (study_main, ["configs/study/cpu", "--seeds", "0"], "argument --seeds: 0 is below 1"),
+    (prepare_main, ["--input", "a.txt", "--output-prefix", "b", "--num-proc", "0"],
+     "argument --num-proc: 0 is below 1"),
+])
+def test_count_options_are_refused_in_one_line(main, argv, says, monkeypatch, capsys):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a refused command must start no process")
+
+    monkeypatch.setattr(torchrun, "run_local", no_launch)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exc.value.code == 2 and not out
+    assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
