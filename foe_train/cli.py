@@ -5,40 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
+from foe_train.arguments import OneLineParser, at_least, fail
 from foe_train.config import ConfigError, RecipeConfig, load_config
-
-
-def fail(msg: str) -> NoReturn:
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr and exit 2, like every other error
-    (--help still prints the full usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(f"{message}; see {self.prog} --help")
-
-
-def at_least(least: int) -> Callable[[str], int]:
-    """argparse ``type`` of a count option: a whole number of at least ``least``, so that 0 or
-    a negative count is refused by the parser, before any process starts."""
-
-    def count(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is below {least}; pass at least {least}")
-        return value
-
-    return count
 
 
 def bench_main(argv: list[str] | None = None) -> None:

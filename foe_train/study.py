@@ -196,7 +196,7 @@ def run_study(study: StudyConfig, root: Path, recipes: dict[str, RecipeConfig], 
 
 def main(argv: list[str] | None = None) -> None:
     """foe-study STUDY_DIR [--seeds N] [--runs DIR] [--out DIR] [key=value ...]"""
-    from foe_train.cli import OneLineParser, at_least
+    from foe_train.arguments import OneLineParser, at_least
 
     ap = OneLineParser(prog="foe-study", description="train, evaluate and compare every "
                         "member of a study for several seeds")

@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # lowest first; a module belongs to the first layer with a prefix of its name
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("foe_train.config", "foe_train.runtime", "foe_train.compat", "foe_train.budget",
-              "launch.torchrun", "launch.netns", "launch.agent")),
+    ("base", ("foe_train.arguments", "foe_train.config", "foe_train.runtime", "foe_train.compat",
+              "foe_train.budget", "launch.torchrun", "launch.netns", "launch.agent")),
     ("topology", ("foe_train.topology",)),
     ("model", ("foe_train.model",)),
     ("data", ("foe_train.data",)),

@@ -95,8 +95,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from foe_train.arguments import OneLineParser, at_least, fail
 from foe_train.bench.comm_model import Link, comm_seconds, federated_sums, predict
-from foe_train.cli import OneLineParser, at_least, fail
 from foe_train.config import (
     ConfigError,
     ModelConfig,

@@ -221,7 +221,7 @@ def default_corpus(cache_dir: str, tokenizer: Tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """foe-prepare-data: tokenize local files into a megatron indexed dataset."""
-    from foe_train.cli import OneLineParser, at_least
+    from foe_train.arguments import OneLineParser, at_least
 
     ap = OneLineParser(prog="foe-prepare-data", description=main.__doc__)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",

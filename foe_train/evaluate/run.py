@@ -30,7 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from foe_train import checkpoint
-from foe_train.cli import OneLineParser, at_least
+from foe_train.arguments import OneLineParser, at_least
 from foe_train.config import ConfigError, RecipeConfig
 from foe_train.data.tokenizers import Tokenizer, build_tokenizer
 from foe_train.evaluate import longbench, tasks

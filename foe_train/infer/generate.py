@@ -39,7 +39,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 
 from foe_train import checkpoint
-from foe_train.cli import OneLineParser, at_least, fail
+from foe_train.arguments import OneLineParser, at_least, fail
 from foe_train.config import (
     ConfigError,
     RecipeConfig,
