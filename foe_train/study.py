@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from tqdm import tqdm
 
+from foe_train.arguments import OneLineParser, at_least
 from foe_train.config import ConfigError, RecipeConfig, load_config
 
 
@@ -196,8 +197,6 @@ def run_study(study: StudyConfig, root: Path, recipes: dict[str, RecipeConfig], 
 
 def main(argv: list[str] | None = None) -> None:
     """foe-study STUDY_DIR [--seeds N] [--runs DIR] [--out DIR] [key=value ...]"""
-    from foe_train.arguments import OneLineParser, at_least
-
     ap = OneLineParser(prog="foe-study", description="train, evaluate and compare every "
                         "member of a study for several seeds")
     ap.add_argument("study", help="study directory holding study.yaml, e.g. configs/study/cpu")

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from foe_train.arguments import OneLineParser, at_least
 from foe_train.config import ConfigError
 from foe_train.data.tokenizers import Tokenizer, build_tokenizer, train_bpe_from_iterator
 
@@ -221,8 +222,6 @@ def default_corpus(cache_dir: str, tokenizer: Tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """foe-prepare-data: tokenize local files into a megatron indexed dataset."""
-    from foe_train.arguments import OneLineParser, at_least
-
     ap = OneLineParser(prog="foe-prepare-data", description=main.__doc__)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="text (.txt: one document per file), json/jsonl or parquet files")
