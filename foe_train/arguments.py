@@ -1,9 +1,11 @@
 """What every foe-* command does with bad input: one line on stderr naming the option or field
-and the fix, exit 2, before any process starts (``OneLineParser``, ``at_least``, ``fail``)."""
+and the fix, exit 2, before any process starts (``OneLineParser``, ``at_least``, ``link_rate``,
+``fail``)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -36,3 +38,16 @@ def at_least(least: int) -> Callable[[str], int]:
         return value
 
     return count
+
+
+_TC_RATE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]i?)?(bit|bps)", re.IGNORECASE)
+
+
+def link_rate(text: str) -> str:
+    """argparse ``type`` of --link-rate: a positive rate in tc's syntax (1gbit, 100mbit,
+    12.5mbps), so that a typo is refused before any network namespace is built."""
+    match = _TC_RATE.fullmatch(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a link rate; pass a positive number "
+                                         f"with a tc unit, e.g. 1gbit, 100mbit or 10gbit")
+    return text

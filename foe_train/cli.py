@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from foe_train.arguments import OneLineParser, at_least, fail
+from foe_train.arguments import OneLineParser, at_least, fail, link_rate
 from foe_train.config import ConfigError, RecipeConfig, load_config
 
 
@@ -47,7 +47,8 @@ def bench_main(argv: list[str] | None = None) -> None:
                               "their own recipes; overrides may change only parallel.*")
     lat.add_argument("--nproc", type=at_least(1), required=True)
     lat.add_argument("--nodes", type=at_least(1), default=1)
-    lat.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
+    lat.add_argument("--link-rate", type=link_rate,
+                     help="emulate nodes in network namespaces, e.g. 1gbit")
     lat.add_argument("--batch", nargs="+", type=at_least(1), default=[4])
     lat.add_argument("--prompt-len", nargs="+", type=at_least(1), default=[64])
     lat.add_argument("--gen-len", type=at_least(2), default=8,
@@ -60,7 +61,8 @@ def bench_main(argv: list[str] | None = None) -> None:
     tr.add_argument("--pair", nargs=2, required=True, metavar=("A.yaml", "B.yaml"))
     tr.add_argument("--nproc", type=at_least(1), required=True)
     tr.add_argument("--nodes", type=at_least(1), default=1)
-    tr.add_argument("--link-rate", help="emulate nodes in network namespaces, e.g. 1gbit")
+    tr.add_argument("--link-rate", type=link_rate,
+                    help="emulate nodes in network namespaces, e.g. 1gbit")
     tr.add_argument("--steps", type=at_least(1), default=20, help="timed steps of each member")
     tr.add_argument("--warmup", type=at_least(0), default=3,
                     help="untimed steps of each member first")

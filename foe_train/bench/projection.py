@@ -95,7 +95,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from foe_train.arguments import OneLineParser, at_least, fail
+from foe_train.arguments import OneLineParser, at_least, fail, link_rate
 from foe_train.bench.comm_model import Link, comm_seconds, federated_sums, predict
 from foe_train.config import (
     ConfigError,
@@ -740,7 +740,8 @@ def project_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="also write the JSON report (or the calibration) here")
     ap.add_argument("--calibrate", action="store_true",
                     help="measure collectives on emulated nodes and fit alpha/beta")
-    ap.add_argument("--link-rate", default="1gbit", help="emulated inter-node link cap")
+    ap.add_argument("--link-rate", type=link_rate, default="1gbit",
+                    help="emulated inter-node link cap")
     ap.add_argument("--nproc", type=at_least(1), default=4, help="ranks of the calibration run")
     ap.add_argument("--hardware-out", help="with --calibrate: write a hardware YAML here")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides for both recipes")

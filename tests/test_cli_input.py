@@ -1,16 +1,18 @@
 """Count options of every foe-* command (processes, batches, lengths, steps, seeds...) refuse 0,
-negative and non-numeric values in one line before any process starts, instead of failing deep
-inside a run (``foe-bench latency --batch 0`` used to end in a traceback from megatron)."""
+negative and non-numeric values, and --link-rate refuses what tc cannot read, in one line before
+any process starts, instead of failing deep inside a run (``foe-bench latency --batch 0`` used to
+end in a traceback from megatron, ``--link-rate fast`` in one from building the namespaces)."""
 
 import pytest
 
+from foe_train.arguments import link_rate
 from foe_train.bench.projection import project_main
 from foe_train.cli import bench_main, train_main
 from foe_train.data.prepare import main as prepare_main
 from foe_train.evaluate.run import main as eval_main
 from foe_train.infer.generate import main as generate_main
 from foe_train.study import main as study_main
-from launch import torchrun
+from launch import netns, torchrun
 
 QUICK = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
 LATENCY = ["latency", "--pair", *QUICK, "--nproc", "4"]
@@ -39,14 +41,26 @@ PROJECT = ["--pair", "configs/paper/foe.yaml", "configs/paper/moe.yaml", "--clus
     (study_main, ["configs/study/cpu", "--seeds", "0"], "argument --seeds: 0 is below 1"),
     (prepare_main, ["--input", "a.txt", "--output-prefix", "b", "--num-proc", "0"],
      "argument --num-proc: 0 is below 1"),
+    (bench_main, [*LATENCY, "--nodes", "2", "--link-rate", "fast"],
+     "argument --link-rate: 'fast' is not a link rate"),
+    (bench_main, ["train", "--pair", *QUICK, "--nproc", "4", "--link-rate", "0gbit"],
+     "argument --link-rate: '0gbit' is not a link rate"),
+    (project_main, ["--calibrate", "--link-rate", "1gb"],
+     "argument --link-rate: '1gb' is not a link rate"),
 ])
-def test_count_options_are_refused_in_one_line(main, argv, says, monkeypatch, capsys):
+def test_bad_options_are_refused_in_one_line(main, argv, says, monkeypatch, capsys):
     def no_launch(*args, **kwargs):
         raise AssertionError("a refused command must start no process")
 
     monkeypatch.setattr(torchrun, "run_local", no_launch)
+    monkeypatch.setattr(netns, "run_emulated", no_launch)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and not out
     assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize("rate", ["1gbit", "100mbit", "12.5mbps", "10Gbit", "2gibit", "800kbit"])
+def test_tc_rates_pass(rate):
+    assert link_rate(rate) == rate
