@@ -4,7 +4,7 @@ dotted ``key=value`` overrides. Every error is one line naming the field and the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 class ConfigError(ValueError):
     """A recipe problem, phrased as one line: the field, what is wrong, the fix."""
+
+
+# sizes and counts: 0 or a negative value is refused in one line naming the field, instead of
+# failing deep inside megatron (a division by zero, an empty tensor)
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -22,15 +28,15 @@ class ModelConfig(_Section):
     """One model section serves both kinds: ``kind`` picks FoE or the stock MoE baseline."""
 
     kind: Literal["foe", "moe"] = "foe"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 8
-    num_query_groups: int = 4
-    ffn_hidden_size: int = 128
-    num_experts: int = 8
-    moe_ffn_hidden_size: int = 32
-    moe_router_topk: int = 2
-    cluster_topk: int | None = None
+    num_layers: Positive = 2
+    hidden_size: Positive = 64
+    num_attention_heads: Positive = 8
+    num_query_groups: Positive = 4
+    ffn_hidden_size: Positive = 128
+    num_experts: Positive = 8
+    moe_ffn_hidden_size: Positive = 32
+    moe_router_topk: Positive = 2
+    cluster_topk: Positive | None = None
     moe_layer_freq: int | list[int] = 1
     residual_sync: Literal["post_attention", "post_attention_and_moe"] = "post_attention"
     token_dispatcher: Literal["auto", "alltoall", "allgather"] = "auto"
@@ -38,9 +44,9 @@ class ModelConfig(_Section):
     balanced_routing: bool = False
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float | None = None
-    vocab_size: int = 256
-    seq_length: int = 64
-    rotary_base: int = 10000
+    vocab_size: Positive = 256
+    seq_length: Positive = 64
+    rotary_base: Positive = 10000
     init_method_std: float = 0.02
     layernorm_epsilon: float = 1e-5
     swiglu: bool = True
@@ -70,10 +76,10 @@ class ModelConfig(_Section):
 class ParallelConfig(_Section):
     """FoE world = data x clusters x ranks_per_cluster; the MoE baseline uses the same ranks."""
 
-    data: int = 1
-    clusters: int = 1
-    ranks_per_cluster: int = 1
-    expert_parallel: int | None = None
+    data: Positive = 1
+    clusters: Positive = 1
+    ranks_per_cluster: Positive = 1
+    expert_parallel: Positive | None = None
     # Where several clusters of a federation share a node and it spans nodes, a federated sum
     # of at least this many bytes is two-level (inside the node, across nodes, back: fewer
     # bytes cross nodes, three calls); a smaller one, such as a decode step's, is one flat
@@ -117,19 +123,19 @@ class TrainingConfig(_Section):
     """Budget and optimisation. Batch sizes count sequences; micro_batch_size is per token
     shard, global_batch_size per optimizer step over all shards."""
 
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    train_iters: int = 100
+    micro_batch_size: Positive = 2
+    global_batch_size: Positive = 8
+    train_iters: Positive = 100
     lr: float = 3e-3
     min_lr: float = 3e-4
-    warmup_iters: int = 10
+    warmup_iters: NonNegative = 10
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
-    eval_interval: int = 20
-    eval_iters: int = 2
+    eval_interval: NonNegative = 20
+    eval_iters: Positive = 2
     distributed_optimizer: bool = False
     recompute: bool = False
     bf16: bool | None = None
@@ -149,8 +155,6 @@ class TrainingConfig(_Section):
             )
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"training.min_lr={self.min_lr} must lie in [0, training.lr]")
-        if min(self.micro_batch_size, self.global_batch_size, self.train_iters) < 1:
-            raise ValueError("training: batch sizes and train_iters must be positive")
         if self.engine != "deepspeed" and self.deepspeed != DeepSpeedSection():
             raise ValueError(
                 "training.deepspeed: applies only to training.engine=deepspeed; set "
@@ -202,7 +206,7 @@ class WandbConfig(_Section):
 class LoggingConfig(_Section):
     run_dir: str = "runs/{name}"
     name: str = "run"
-    log_interval: int = 1
+    log_interval: Positive = 1
     progress: bool = True
     comm_report: bool = True  # record the first step's collectives to comm_step.json
     wandb: WandbConfig = WandbConfig()

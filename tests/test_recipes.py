@@ -69,3 +69,18 @@ def test_base_cycle_is_refused_in_one_line(tmp_path):
     (tmp_path / "mid.yaml").write_text("base: root.yaml\n")
     (tmp_path / "top.yaml").write_text("base: mid.yaml\nmodel:\n  num_layers: 3\n")
     assert load_config(tmp_path / "top.yaml").seed == 7
+
+
+@pytest.mark.parametrize("override", [
+    "model.num_layers=0", "model.seq_length=0", "model.num_attention_heads=0",
+    "model.vocab_size=-8", "model.cluster_topk=0", "parallel.clusters=0",
+    "parallel.expert_parallel=0", "training.micro_batch_size=0", "training.eval_iters=0",
+    "training.warmup_iters=-1", "logging.log_interval=0",
+])
+def test_sizes_and_counts_below_their_minimum_are_refused(override):
+    # each used to fail inside the workers (a division by zero, an empty tensor) or later
+    field, value = override.split("=")
+    least = 0 if field == "training.warmup_iters" else 1
+    with pytest.raises(ConfigError, match=rf"^{field}: Input should be greater than or equal to "
+                                          rf"{least} \(got {value}\)$"):
+        load_config(None, [override])

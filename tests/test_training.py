@@ -278,6 +278,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
 @pytest.mark.parametrize("overrides, field", [
     (["model.hiden_size=3"], "model.hiden_size"),
     (["model.num_layers=two"], "model.num_layers"),
+    (["model.seq_length=0"], "model.seq_length"),  # was a ZeroDivisionError in every worker
     (["data.prefixes=[/nonexistent/corpus]"], "data.prefixes"),
     (["model.num_query_groups=2", "parallel.clusters=4", "parallel.ranks_per_cluster=1"],
      "parallel.clusters=4 does not divide model.num_query_groups=2"),
