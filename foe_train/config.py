@@ -292,8 +292,13 @@ def _one_line(exc: ValidationError) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "config"
     if err["type"] == "extra_forbidden":
         return f"{field}: unknown key; remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"{field}: required and missing; add it (is this the right kind of file?)"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{field}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else msg
+    if err["type"] == "value_error":
+        return msg
+    got = repr(err.get("input"))
+    return f"{field}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def build_config(data: dict, schema: type[BaseModel] = RecipeConfig) -> Any:

@@ -244,3 +244,11 @@ def test_a_one_rank_expert_group_has_no_imbalance():
                          imbalance=1.5)
     assert foe["layout"]["ranks_per_cluster"] == 1 and foe["imbalance"] == 1.0
     assert foe["forward"] == project_member(tiny("foe"), TINY_HW, 1, 1, 4, 2)["forward"]
+
+
+def test_a_recipe_passed_as_the_cluster_is_refused_in_one_line(tmp_path, capsys):
+    # the error named the missing field but printed the whole recipe as the value it got
+    pair, _ = write_pair(tmp_path)
+    err = refused(capsys, "--pair", *pair, "--cluster", pair[0])
+    assert err == (f"error: --cluster {pair[0]}: gpus_per_node: required and missing; add it "
+                   f"(is this the right kind of file?)\n")

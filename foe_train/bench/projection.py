@@ -180,7 +180,10 @@ def _scopes(fitted: dict) -> dict[str, Link]:
 def load_hardware(path: str | Path, calibration: str | Path | None = None) -> Hardware:
     """A hardware YAML, its links replaced by a calibration's fitted alpha, beta and overlap
     when given (pooled per scope, and per collective where the calibration fitted one)."""
-    hw = load_config(path, schema=Hardware)
+    try:
+        hw = load_config(path, schema=Hardware)
+    except ConfigError as exc:
+        raise ConfigError(f"--cluster {path}: {exc}") from None
     if calibration is None:
         return hw
     try:
