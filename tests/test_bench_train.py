@@ -10,7 +10,7 @@ import pytest
 
 from foe_train.bench.stats import median_interval, paired_ratios
 from foe_train.cli import bench_main
-from launch import torchrun
+from tests.test_cli_input import refused
 
 PAIR = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
 TINY = ["model.num_layers=2", "model.seq_length=32", "training.global_batch_size=8",
@@ -76,19 +76,4 @@ def test_median_interval_is_the_binomial_order_statistics(n, ranks):
     (["--pair", *PAIR, "--nproc", "4", "--steps", "0"], "--steps: 0 is below 1"),
 ])
 def test_train_bench_refuses_in_one_line(args, message, monkeypatch, capsys):
-    assert message in refused(monkeypatch, capsys, "train", *args)
-
-
-def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *argv: str) -> str:
-    """foe-bench ARGV refused before any process starts: exit 2, nothing on stdout, one line
-    on stderr (returned)."""
-    def no_launch(*a, **k):
-        raise AssertionError("a refused benchmark must start no process")
-
-    monkeypatch.setattr(torchrun, "run_local", no_launch)
-    with pytest.raises(SystemExit) as exc:
-        bench_main(list(argv))
-    err = capsys.readouterr()
-    assert exc.value.code == 2 and err.err.count("\n") == 1, err.err
-    assert not err.out
-    return err.err
+    assert message in refused(bench_main, monkeypatch, capsys, "train", *args)

@@ -3,6 +3,8 @@ negative and non-numeric values, and --link-rate refuses what tc cannot read, in
 any process starts, instead of failing deep inside a run (``foe-bench latency --batch 0`` used to
 end in a traceback from megatron, ``--link-rate fast`` in one from building the namespaces)."""
 
+from collections.abc import Callable
+
 import pytest
 
 from foe_train.arguments import link_rate
@@ -49,16 +51,24 @@ PROJECT = ["--pair", "configs/paper/foe.yaml", "configs/paper/moe.yaml", "--clus
      "argument --link-rate: '1gb' is not a link rate"),
 ])
 def test_bad_options_are_refused_in_one_line(main, argv, says, monkeypatch, capsys):
+    err = refused(main, monkeypatch, capsys, *argv)
+    assert err.startswith("error: ") and says in err, err
+
+
+def refused(main: Callable[[list[str]], None], monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """A foe-* command refusing ARGV before any process starts: exit 2, nothing on stdout,
+    one line on stderr (returned)."""
     def no_launch(*args, **kwargs):
         raise AssertionError("a refused command must start no process")
 
     monkeypatch.setattr(torchrun, "run_local", no_launch)
     monkeypatch.setattr(netns, "run_emulated", no_launch)
     with pytest.raises(SystemExit) as exc:
-        main(argv)
+        main(list(argv))
     out, err = capsys.readouterr()
-    assert exc.value.code == 2 and not out
-    assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert exc.value.code == 2 and not out and err.count("\n") == 1, err
+    return err
 
 
 @pytest.mark.parametrize("rate", ["1gbit", "100mbit", "12.5mbps", "10Gbit", "2gibit", "800kbit"])

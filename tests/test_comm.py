@@ -9,8 +9,9 @@ import pytest
 
 from foe_train.bench.comm_model import predict
 from foe_train.bench.comm_run import cross_node_per_token, table
+from foe_train.cli import bench_main
 from foe_train.config import load_config
-from tests.test_bench_train import refused
+from tests.test_cli_input import refused
 
 SMALL = ["model.num_layers=2", "model.seq_length=32"]
 
@@ -131,5 +132,5 @@ def test_two_level_sum_from_its_threshold_on():
     (["--nodes", "3"], "--nodes 3 must divide --nproc 4"),
 ])
 def test_comm_refuses_in_one_line(args, message, monkeypatch, capsys):
-    assert message in refused(monkeypatch, capsys, "comm", "--config",
+    assert message in refused(bench_main, monkeypatch, capsys, "comm", "--config",
                               "configs/quickstart/foe.yaml", "--nproc", "4", *args)

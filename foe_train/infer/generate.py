@@ -325,8 +325,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg, path = inference_config(args.checkpoint, args.config, args.overrides)
         _sampling(args, cfg)
-        if args.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         if any(not p for p in args.prompt):
             raise ConfigError("--prompt: empty prompt; give at least one character")
         nproc = world_size(cfg, args.nproc)
