@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from foe_train.bench.comm_model import predict
+from foe_train.config import load_config
 from launch.netns import leftover_namespaces
 
 PAIR = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
@@ -60,6 +62,20 @@ def check_rows(report: dict, rows: list[tuple[int, int]] = ROWS,
                    for k in r["foe"]["comm"])
 
 
+def check_prefill_sums(report: dict) -> None:
+    """FoE's federated sums in a prefill carry every layer's sums of all the rank's tokens and
+    a fold of only each sequence's last position (the one the head reads): the bytes
+    bench.comm_model predicts, counted from the real calls."""
+    cfg = load_config(PAIR[0], SMALL)
+    for r in report["rows"]:
+        seqs = r["batch"] // 2  # (D, C, L) = (1, 2, 2): two token shards
+        predicted = predict(cfg.model, cfg.parallel, 4, report["nodes"],
+                            seqs * r["prompt_len"], head_tokens=seqs)["all_reduce"]
+        counted = r["foe"]["comm"]["all_reduce@federation"]
+        assert (counted["bytes"], counted["calls"]) == (predicted["bytes"], predicted["calls"])
+        assert counted["cross_node_bytes"] == predicted["cross_node_bytes"]
+
+
 def test_latency_one_node(tmp_path):
     report = latency(tmp_path)
     assert report["nodes"] == 1 and report["world_size"] == 4
@@ -68,6 +84,7 @@ def test_latency_one_node(tmp_path):
     assert foe["parallel"] == {**foe["parallel"], "data": 1, "clusters": 2,
                                "ranks_per_cluster": 2}
     check_rows(report)
+    check_prefill_sums(report)
 
 
 def test_latency_from_checkpoints_one_rank_per_cluster_is_balanced(tmp_path):
@@ -105,6 +122,7 @@ def test_latency_two_emulated_nodes(tmp_path):
     report = latency(tmp_path, "--nodes", "2", "--link-rate", "1gbit")
     assert report["nodes"] == 2
     check_rows(report)
+    check_prefill_sums(report)
     moe_cross = [r["moe"]["comm"]["all_to_all@ep"]["cross_node_bytes"] for r in report["rows"]]
     assert min(moe_cross) > 0
     assert all(r["foe"]["comm"].get("all_to_all@cluster_ep", {}).get("cross_node_bytes", 0) == 0

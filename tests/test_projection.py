@@ -75,8 +75,11 @@ def test_roofline_and_alpha_beta_by_hand():
     assert breakdown["host_syncs"] == 1 and breakdown["host_sync_seconds"] == 0
     assert foe["forward"] == pytest.approx(16.48 + 2.64)
     # ttft also copies the 4 new K/V entries into the cache: attention + 4*4*1*4 = 448 -> 4.48,
-    # and materialises only the last position's logits: output 64 + 1*(8 + 8) = 80 -> 0.8 s
-    assert foe["ttft"] == pytest.approx(16.48 + 0.64 - 1.28 + 0.8 + 2.64)
+    # and materialises only the last position's logits: output 64 + 1*(8 + 8) = 80 -> 0.8 s;
+    # the last layer hands the head only that position, so the fold (3d), its sum (2d) and
+    # the final norm (2d) run on 1 token instead of 4: elementwise 144*4 - 3*56 -> 4.08 s, and
+    # the fold's all-reduce carries 8 bytes instead of 32: comm 2.64 - 0.24
+    assert foe["ttft"] == pytest.approx(16.48 + 0.64 - 1.28 + 0.8 - 1.68 + 2.64 - 0.24)
     # tbt: 1 token against 4 cached: attention FLOPs 2*128 + 4*4*5 = 336, elements 128 +
     # (56 + 16) + 2*4*5 = 240 -> 2.4 s; router 16 + 16 -> 0.32 s; experts 1 copy: 96 + 40 ->
     # 1.36 s; output 64 + 16 -> 0.8 s; elementwise 144 -> 1.44 s; dispatch 4 rows -> 0.32 s;
@@ -124,7 +127,9 @@ def test_comm_volume_comes_from_comm_model(monkeypatch):
     # two clusters per node: the two-level sum's reduce-scatter and all-gather inside the node
     assert set(four["breakdown"]["ttft"]["comm"]) == {"all_reduce", "all_to_all", "all_gather",
                                                       "reduce_scatter"}
-    traffic = predict(foe.model, adapt_parallel(foe, 4, 8), 32, 4, 8 * 1024, 2)
+    # the prefill's 8 sequences of 1024 tokens per rank; the head reads the last of each
+    traffic = predict(foe.model, adapt_parallel(foe, 4, 8), 32, 4, 8 * 1024, 2, head_tokens=8)
+    assert seen[-3][1] == {"backward": False, "head_tokens": 8}  # forward, ttft, 1 decode, tbt
     expected = {op: projection.comm_seconds(v["calls"], v["bytes"], v["cross_node_bytes"],
                                             *hw.links(op))
                 for op, v in traffic.items()}

@@ -63,13 +63,22 @@ def test_an_foe_rank_moves_its_whole_federation_shard():
     assert moe_s["attention"] == pytest.approx(7.04)
     # post_attention (the default) carries the pending MoE output and adds the residual inside
     # the sums (on the first member, the slowest): with 2 layers, layer 0: norms 4d, the term
-    # h + a_c 3d; layer 1: norms 4d, s_c = h + m_c 3d, a_c + s_c 3d, the final fold h + m_c 3d;
-    # 3 sums 6d; embedding and norm 4d: 30d
+    # h + a_c 3d; layer 1: norms 4d, s_c = h + m_c 3d, a_c + s_c 3d; 2 sums 4d; embedding 2d:
+    # 23d per token; and per position the head reads, the final fold h + m_c 3d, its sum 2d
+    # and the final norm 2d: 7d
     two = ModelConfig(kind="foe", num_layers=2, hidden_size=8, num_attention_heads=2,
                       num_query_groups=2, num_experts=4, moe_ffn_hidden_size=4,
                       moe_router_topk=2, vocab_size=16)
-    assert elementwise_elements(two, 2) == 30 * 8
-    assert elementwise_elements(two.model_copy(update={"kind": "moe"}), 1) == (20 + 4) * 8
+    assert elementwise_elements(two, 2) == (23 * 8, 7 * 8)
+    assert elementwise_elements(two.model_copy(update={"kind": "moe"}), 1) == ((20 + 4) * 8, 0)
+    # with a cache the head reads one position per sequence: the one-layer FoE above
+    # (post_attention_and_moe) counts norms 4d, the attention's add 3d, its sum 2d and the
+    # embedding 2d = 11d = 88 per token, and 7d = 56 per position the head reads: its forward
+    # 8 * (88 + 56) = 1152 as above, its prefill 8 * 88 + 2 * 56 = 816 -> 8.16 s
+    assert elementwise_elements(foe.model, 2) == (88, 56)
+    prefill = compute_seconds(foe.model, ParallelConfig(clusters=2), world, Pass(2, 4, 0, True),
+                              TINY_HW)
+    assert prefill["elementwise"] == pytest.approx(8.16)
 
 
 def test_imbalance_scales_the_slowest_ranks_experts_and_all_to_all():

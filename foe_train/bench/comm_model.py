@@ -4,6 +4,8 @@ Per rank with T tokens in its shard, hidden d, b bytes per element and balanced 
 (every rank sends each expert-rank the same number of token copies):
 - FoE federated sum: a ring all-reduce of T*d*b over C clusters sends 2*(C-1)/C*T*d*b; once per
   layer plus once after the last (post_attention), or twice per layer (post_attention_and_moe).
+  The model's last sum (the fold that feeds the head) carries only the positions the head
+  reads: all T in training and in a full forward, one per sequence in a prefill with a cache.
   Backward: every sum but the last, and the embedding's gradient shares once (of min(T, V)
   rows untied: the tokens' gradient or the table's, whichever is smaller). With m
   members per node on N > 1 nodes (m > 1) the sum is two-level: reduce-scatter inside the
@@ -63,16 +65,18 @@ def comm_seconds(calls: float, nbytes: float, cross_bytes: float, intra: Link,
     return ((calls * link.latency) ** p + transfer**p) ** (1 / p)
 
 
-def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int, int]:
-    """(sums of T·d, sums of the embedding's gradient, flat sums) an FoE federation of C > 1
-    clusters makes in one pass. Sums of T·d: the layers' n + 1 (post_attention) or 2n forward;
-    backward every one but the last adds up its gradient shares, and the split output layer's
-    input gradient is summed. Embedding: one backward sum of its gradient shares
-    (``embedding_sum_rows`` rows untied, the tokens' if tied). Flat: megatron's own sum of a
-    tied (hence split) embedding's rows forward."""
+def federated_sums(model: ModelConfig, backward: bool) -> tuple[int, int, int, int]:
+    """(sums of T·d, sums of the head's positions, sums of the embedding's gradient, flat sums)
+    an FoE federation of C > 1 clusters makes in one pass. Forward: the layers' n + 1
+    (post_attention) or 2n sums, the last of them the fold the head reads (of its positions
+    only); backward every one but the last adds up its gradient shares (of T·d), and the split
+    output layer's input gradient is summed (of the head's positions). Embedding: one backward
+    sum of its gradient shares (``embedding_sum_rows`` rows untied, the tokens' if tied). Flat:
+    megatron's own sum of a tied (hence split) embedding's rows forward."""
     n = model.num_layers
     forward = n + 1 if model.residual_sync == "post_attention" else 2 * n
-    return forward + forward * backward, int(backward), int(not model.untie_embeddings)
+    return ((forward - 1) * (1 + backward), 1 + backward, int(backward),
+            int(not model.untie_embeddings))
 
 
 def _ring(n: int, nbytes: int) -> Fraction:
@@ -80,7 +84,8 @@ def _ring(n: int, nbytes: int) -> Fraction:
 
 
 def _rank_traffic(
-    model: ModelConfig, grid: Grid, rank: int, tokens: int, elem_bytes: int, backward: bool,
+    model: ModelConfig, grid: Grid, rank: int, tokens: int, head_tokens: int, elem_bytes: int,
+    backward: bool,
 ) -> dict[str, dict[str, Fraction]]:
     out: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
     d, layers = model.hidden_size, model.num_layers
@@ -98,7 +103,7 @@ def _rank_traffic(
         P, k, E = L, cluster_topk(model, C), model.num_experts // C
         ep_group = grid.group("cluster_ep", rank)
         if C > 1:
-            sums, embedding_sums, flat_sums = federated_sums(model, backward)
+            sums, head_sums, embedding_sums, flat_sums = federated_sums(model, backward)
             federation = grid.group("federation", rank)
             successor = federation[(federation.index(rank) + 1) % C]
             on_ring = node(successor) != node(rank)
@@ -118,6 +123,7 @@ def _rank_traffic(
             flat = _ring(C, tokens * d * elem_bytes)
             add("all_reduce", flat_sums, flat, flat if on_ring else 0 * flat)
             federated(sums, tokens * d)
+            federated(head_sums, head_tokens * d)
             rows = embedding_sum_rows(tokens, model.vocab_size) if model.untie_embeddings \
                 else tokens
             federated(embedding_sums, rows * d)
@@ -160,13 +166,16 @@ def predict(
     tokens_per_rank: int,
     elem_bytes: int = 4,
     backward: bool = False,
+    head_tokens: int | None = None,
 ) -> dict[str, dict[str, int | float]]:
     """Predicted {op: {bytes, cross_node_bytes, calls}} per rank (mean over the job's ranks)
-    for one forward (and backward) pass on tokens_per_rank tokens."""
+    for one forward (and backward) pass on tokens_per_rank tokens, of which the head reads
+    head_tokens (None: all; a prefill with a cache: one per sequence)."""
     total: dict[str, dict[str, Fraction]] = defaultdict(lambda: defaultdict(Fraction))
     grid = Grid.of(model.kind, parallel, world_size, consecutive_nodes(world_size, nodes))
+    head = tokens_per_rank if head_tokens is None else head_tokens
     for rank in range(world_size):
-        traffic = _rank_traffic(model, grid, rank, tokens_per_rank, elem_bytes, backward)
+        traffic = _rank_traffic(model, grid, rank, tokens_per_rank, head, elem_bytes, backward)
         for op, vals in traffic.items():
             for key, value in vals.items():
                 total[op][key] += Fraction(value) / world_size

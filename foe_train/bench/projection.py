@@ -54,7 +54,9 @@ rank's tokens, h/g/d_h its query heads, KV heads and head dim, f its expert or M
   first member makes one add per sum: in post_attention mode the term of layer 0 (h + a_c)
   and the fold after the last layer (h + m_c); in between, the pending MoE output m_c is added
   to the stream (s_c = h + m_c) and the term is a_c + s_c (m_c travels to the next layer as a
-  tensor of its own: nothing is concatenated); every federated sum reads d and writes d;
+  tensor of its own: nothing is concatenated); every federated sum reads d and writes d. FoE's
+  fold, its sum and the final norm run on the positions the head reads (with a cache, one per
+  sequence: the last layer hands the head only those), the baseline's on every token;
 - dispatch: megatron's permute (each copy read and written) and unpermute (copies in, tokens
   out); alltoall: the all-to-all buffers (sent copies read, received written, and back) when
   P > 1 and the sort of received copies by local expert when a rank has several; allgather:
@@ -239,6 +241,12 @@ class Pass:
     def tokens(self) -> int:
         return self.seqs * self.new
 
+    @property
+    def read_by_head(self) -> int:
+        """Positions whose logits are materialised: every one in a forward, each sequence's
+        last with a cache (megatron's static inference context)."""
+        return self.seqs if self.cache else self.tokens
+
 
 @dataclass(frozen=True)
 class ExpertGroup:
@@ -275,19 +283,26 @@ def host_syncs(model: ModelConfig, group: ExpertGroup) -> int:
                                               for i in range(model.num_layers))
 
 
-def elementwise_elements(model: ModelConfig, clusters: int) -> int:
-    """Elements per token one pass's norms, residual adds, FoE's pending MoE state and
-    federated sums read and write (module docstring), summed over layers."""
-    n = model.num_layers
-    foe = model.kind == "foe"
-    sums = sum(federated_sums(model, backward=False)) if foe and clusters > 1 else 0
-    if foe and model.residual_sync == "post_attention":
-        # 2 norms (4d); layer 0's term h + a_c (3d); after it s_c = h + m_c and a_c + s_c (6d);
-        # the fold after the last layer adds h (3d)
-        stream = 4 * n + 3 + 6 * (n - 1) + 3
+def elementwise_elements(model: ModelConfig, clusters: int) -> tuple[int, int]:
+    """Elements one pass's norms, residual adds, FoE's pending MoE state and federated sums
+    read and write (module docstring), summed over layers: (per token, per position the head
+    reads). FoE's fold after the last layer and its final norm run on the head's positions
+    only; the baseline's whole last layer and final norm run on every token."""
+    n, d = model.num_layers, model.hidden_size
+    if model.kind != "foe":
+        # 2 norms (d in, d out) and 2 residual adds (2d in, d out) per layer; embedding and
+        # final norm 2d each
+        return (10 * n + 4) * d, 0
+    sums = federated_sums(model, backward=False) if clusters > 1 else (0, 0, 0, 0)
+    layer_sums, head_sums, _, flat_sums = sums
+    if model.residual_sync == "post_attention":
+        # 2 norms (4d); layer 0's term h + a_c (3d); after it s_c = h + m_c and a_c + s_c (6d)
+        stream = 4 * n + 3 + 6 * (n - 1)
     else:
-        stream = 10 * n  # 2 norms (d in, d out) and 2 residual adds (2d in, d out)
-    return (stream + 2 * sums + 4) * model.hidden_size  # + embedding and final norm, 2d each
+        stream = 10 * n - 3  # 2 norms and 2 residual adds, the last one the fold's
+    # every sum reads d and writes d; the embedding 2d; at the head, the fold adds h (3d) and
+    # the final norm 2d
+    return (stream + 2 * (layer_sums + flat_sums) + 2) * d, (3 + 2 * head_sums + 2) * d
 
 
 def dispatch_elements(group: ExpertGroup, tokens: int, imbalance: float) -> float:
@@ -316,8 +331,9 @@ def compute_seconds(model: ModelConfig, parallel: ParallelConfig, world: int, st
     expert_f, dense_f, vocab = model.moe_ffn_hidden_size, model.ffn_hidden_size // C, \
         model.vocab_size // C
     tokens = step.tokens
-    logits = step.seqs if step.cache else tokens  # positions whose logits are materialised
+    logits = step.read_by_head
     moe_layers = sum(model.layer_is_moe(i) for i in range(model.num_layers))
+    per_token, per_head = elementwise_elements(model, C)
 
     def roof(flops: float, elements: float) -> float:
         return max(flops / hw.peak_flops, elements * hw.elem_bytes / hw.memory_bandwidth)
@@ -340,17 +356,20 @@ def compute_seconds(model: ModelConfig, parallel: ParallelConfig, world: int, st
         "dense": (model.num_layers - moe_layers) * roof(
             2 * tokens * dense_w, dense_w + 2 * tokens * (d + fc * dense_f)),
         "output": roof(2 * logits * vocab * d, vocab * d + logits * (d + vocab)),
-        "elementwise": roof(0, tokens * elementwise_elements(model, C)),
+        "elementwise": roof(0, tokens * per_token + logits * per_head),
         "dispatch": moe_layers * roof(0, dispatch_elements(group, tokens, imbalance) * d),
     }
 
 
 def comm_breakdown(model: ModelConfig, parallel: ParallelConfig, world: int, nodes: int,
-                   tokens: int, hw: Hardware, imbalance: float = 1.0) -> dict[str, float]:
-    """Seconds per collective of one forward pass on `tokens` tokens per rank, the volume
-    from bench.comm_model.predict; the all-to-all's bytes times the slowest rank's expert
-    load (it waits for the rank that receives the most)."""
-    traffic = predict(model, parallel, world, nodes, tokens, hw.elem_bytes, backward=False)
+                   tokens: int, hw: Hardware, imbalance: float = 1.0,
+                   head_tokens: int | None = None) -> dict[str, float]:
+    """Seconds per collective of one forward pass on `tokens` tokens per rank, `head_tokens`
+    of them read by the head (None: all), the volume from bench.comm_model.predict; the
+    all-to-all's bytes times the slowest rank's expert load (it waits for the rank that
+    receives the most)."""
+    traffic = predict(model, parallel, world, nodes, tokens, hw.elem_bytes, backward=False,
+                      head_tokens=head_tokens)
     seconds = {}
     for op, v in traffic.items():
         scale = imbalance if op == "all_to_all" else 1.0
@@ -362,7 +381,8 @@ def comm_breakdown(model: ModelConfig, parallel: ParallelConfig, world: int, nod
 def _phase(model: ModelConfig, parallel: ParallelConfig, world: int, nodes: int, step: Pass,
            hw: Hardware, imbalance: float) -> dict[str, Any]:
     compute = compute_seconds(model, parallel, world, step, hw, imbalance)
-    comm = comm_breakdown(model, parallel, world, nodes, step.tokens, hw, imbalance)
+    comm = comm_breakdown(model, parallel, world, nodes, step.tokens, hw, imbalance,
+                          step.read_by_head)
     syncs = host_syncs(model, expert_group(model, parallel, world))
     sync_seconds = syncs * hw.host_sync_latency
     return {"seconds": sum(compute.values()) + sum(comm.values()) + sync_seconds,

@@ -93,13 +93,13 @@ class FoELayer(TransformerLayer):
         if self.residual_sync == "post_attention_and_moe":
             attention = self._attention(hidden_states, kwargs)
             h = federated_sum(self._with_residual(attention, hidden_states), self.federation)
-            return self._fold(h, self._mlp(h, kwargs)), None
+            return self._fold(h, self._mlp(h, kwargs), kwargs), None
         if self._overlapped(hidden_states):
             return self._overlapped_forward(hidden_states, context, kwargs)
         h = federated_sum(self._term(hidden_states, context, kwargs), self.federation)
         moe_out = self._mlp(h, kwargs)
         if self.is_last:
-            return self._fold(h, moe_out), None
+            return self._fold(h, moe_out, kwargs), None
         return h, moe_out
 
     def _term(self, h: torch.Tensor, pending: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
@@ -117,12 +117,24 @@ class FoELayer(TransformerLayer):
         the first member adds h."""
         return out + h if self.federation.first else out
 
-    def _fold(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """h + the federated sum of a cluster output; the model's last sum feeds the head."""
-        term = self._with_residual(out, h)
-        if self.is_last:
-            return final_federated_sum(term, self.federation)
-        return federated_sum(term, self.federation)
+    def _fold(self, h: torch.Tensor, out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """h + the federated sum of a cluster output; the model's last sum feeds the head, and
+        only the positions the head reads (``_read_by_head``)."""
+        if not self.is_last:
+            return federated_sum(self._with_residual(out, h), self.federation)
+        h, out = self._read_by_head(h, kwargs), self._read_by_head(out, kwargs)
+        return final_federated_sum(self._with_residual(out, h), self.federation)
+
+    def _read_by_head(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The positions of the last layer's output [s, b, d] that the head reads: in inference
+        with megatron's static context (generation) GPTModel scores only the last position
+        (``materialize_only_last_token_logits``), so a prefill's fold sums one position per
+        sequence instead of s."""
+        context = kwargs.get("inference_context")
+        if (context is not None and not self.training and context.is_static_batching()
+                and context.materialize_only_last_token_logits):
+            return x[-1:]
+        return x
 
     def _overlapped(self, hidden_states: torch.Tensor) -> bool:
         # on CUDA the sum would need a stream of its own to run beside the compute: not built
@@ -155,8 +167,10 @@ class FoELayer(TransformerLayer):
             h = summed.result()
             moe_out = self._mlp(h, kwargs)
             hs.append(h)
-            outs.append(fed.start_sum(self._with_residual(moe_out, h)) if self.is_last
-                        else moe_out)
+            if self.is_last:
+                moe_out = fed.start_sum(self._with_residual(
+                    self._read_by_head(moe_out, kwargs), self._read_by_head(h, kwargs)))
+            outs.append(moe_out)
         if self.is_last:
             return torch.cat([summed.result() for summed in outs], dim=1), None
         return torch.cat(hs, dim=1), torch.cat(outs, dim=1)
