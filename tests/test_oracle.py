@@ -13,6 +13,7 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from foe_train.config import ModelConfig
 from foe_train.model.oracle import SHARED_KEYS, ReferenceFoE
@@ -294,6 +295,18 @@ def test_sdpa_core_attention_equals_megatron_local(build, sq, sk):
     assert sdpa(q, k, v, None).shape == (sq, 2, 64)
 
 
+class _Ops(TorchDispatchMode):
+    """The aten ops run inside it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
 def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_sizes(pg_collection):
     """An expert group of one rank (FoE, L = 1): foe_train.model.dispatcher gives megatron's
     allgather dispatcher's permuted tokens, counts, probabilities and combined output, and
@@ -301,18 +314,8 @@ def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_size
     GPU) on the way."""
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from foe_train.model.dispatcher import SingleRankTokenDispatcher
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
 
     E, k, T, d = 4, 2, 12, 8
     cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=1,
@@ -328,7 +331,7 @@ def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_size
     results = {}
     for cls in (MoEAllGatherTokenDispatcher, SingleRankTokenDispatcher):
         dispatcher = cls(E, list(range(E)), config=cfg, pg_collection=pg_collection)
-        with Ops() as ops:
+        with _Ops() as ops:
             x, p = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
             x, p = dispatcher.token_dispatch(x, p)
             permuted, counts, permuted_probs = dispatcher.dispatch_postprocess(x, p)
@@ -336,6 +339,8 @@ def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_size
             dispatcher.combine_preprocess(expert_out + permuted * permuted_probs[:, None])))
         grads = torch.autograd.grad(combined.square().sum(), (hidden, probs))
         results[cls] = (permuted, counts, permuted_probs, combined, *grads), ops.seen
+        # the combine's scatter_add_ runs about 12x slower on a CPU with a strided index
+        assert dispatcher.reversed_local_input_permutation_mapping.is_contiguous(), cls
     (want, megatron_ops), (got, ours) = results.values()
     for name, a, b in zip(("tokens", "counts", "probs", "combined", "d_hidden", "d_probs"),
                           got, want, strict=True):
@@ -346,7 +351,8 @@ def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_size
 
 def test_rms_norm_matches_torch():
     """model.norm's RMSNorm (the CPU layers' norm, with its own backward) against torch's:
-    output, input gradient and weight gradient, and torch's own path without gradients."""
+    output, input gradient and weight gradient, and its own three-pass forward without
+    gradients (one vector norm, where torch squares, averages and copies)."""
     from foe_train.model.norm import RMSNorm
 
     torch.manual_seed(0)
@@ -370,3 +376,6 @@ def test_rms_norm_matches_torch():
     _close(grads[0][1], grads[1][1], 1e-6, "weight gradient")
     with torch.no_grad():
         _close(ours(x), ref(x), 1e-6, "output without gradients")
+        with _Ops() as ops:
+            ours(x)
+    assert "linalg_vector_norm" in ops.seen and "pow" not in ops.seen, ops.seen

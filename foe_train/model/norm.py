@@ -1,11 +1,13 @@
 """RMSNorm for megatron's local (CPU) layers, with a backward of five passes over the activations.
 
 megatron's local spec builds ``torch.nn.RMSNorm`` (``WrappedTorchNorm``). On a CPU torch has no
-fused RMSNorm backward, so autograd differentiates the decomposed op: about fifteen passes over
-the activations, most of a norm's time in training. Every norm runs once per token a rank holds,
-and an FoE rank holds its federation's C-fold tokens, so this weighs on FoE C times as much as on
-the baseline (both members use this norm). The math and the parameters are torch's: same
-``weight``, same checkpoints; elsewhere (CUDA, no gradient, other dtypes) it is torch's own.
+fused RMSNorm, so it runs the decomposed op: five passes over the activations forward (square,
+mean, scale, weight, with a copy each) and autograd differentiates it in about fifteen, most of
+a norm's time in training. Here the forward takes three (one norm, two scalings) with or
+without gradients, and the backward five. Every norm runs once per token a rank holds, and an
+FoE rank holds its federation's C-fold tokens, so this weighs on FoE C times as much as on the
+baseline (both members use this norm). The math and the parameters are torch's: same
+``weight``, same checkpoints; elsewhere (CUDA, other dtypes) it is torch's own.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import torch
 from megatron.core.transformer import TransformerConfig
 
 
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dimension, in one pass over x."""
+    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow_(2).div_(x.shape[-1])
+    return rstd.add_(eps).rsqrt_()
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        d = x.shape[-1]
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow_(2).div_(d).add_(eps)
-        rstd.rsqrt_()
+        rstd = _rstd(x, eps)
         ctx.save_for_backward(x, rstd, weight)
         return (x * rstd).mul_(weight)
 
@@ -46,7 +52,8 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.is_cuda or x.dtype != torch.float32 or not torch.is_grad_enabled()
-                or not (x.requires_grad or self.weight.requires_grad)):
+        if x.is_cuda or x.dtype != torch.float32:
             return super().forward(x)
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        return (x * _rstd(x, self.eps)).mul_(self.weight)
