@@ -15,7 +15,8 @@ travels as the layer's second output, which megatron's TransformerBlock hands to
 as ``context`` (its slot for a cross-attention input, unused by GPT; the block's activation
 recompute checkpoints it with the hidden state), so the two never need concatenating. Layer 0
 receives no pending output (m = 0) and the last layer folds the pending outputs back in, so
-GPTModel sees an ordinary [s, b, d] hidden state.
+GPTModel sees an ordinary [s, b, d] hidden state (in generation [1, b, d]: the fold sums only
+the last position, the one megatron's static inference context scores).
 """
 
 from __future__ import annotations
