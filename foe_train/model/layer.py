@@ -120,22 +120,21 @@ class FoELayer(TransformerLayer):
 
     def _fold(self, h: torch.Tensor, out: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """h + the federated sum of a cluster output; the model's last sum feeds the head, and
-        only the positions the head reads (``_read_by_head``)."""
+        only the positions the head reads (``_head_term``)."""
         if not self.is_last:
             return federated_sum(self._with_residual(out, h), self.federation)
-        h, out = self._read_by_head(h, kwargs), self._read_by_head(out, kwargs)
-        return final_federated_sum(self._with_residual(out, h), self.federation)
+        return final_federated_sum(self._head_term(h, out, kwargs), self.federation)
 
-    def _read_by_head(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The positions of the last layer's output [s, b, d] that the head reads: in inference
-        with megatron's static context (generation) GPTModel scores only the last position
-        (``materialize_only_last_token_logits``), so a prefill's fold sums one position per
-        sequence instead of s."""
+    def _head_term(self, h: torch.Tensor, out: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The last layer's term of its fold, on the positions of [s, b, d] the head reads: in
+        inference with megatron's static context (generation) GPTModel scores only the last
+        position (``materialize_only_last_token_logits``), so a prefill's fold sums one
+        position per sequence instead of s."""
         context = kwargs.get("inference_context")
         if (context is not None and not self.training and context.is_static_batching()
                 and context.materialize_only_last_token_logits):
-            return x[-1:]
-        return x
+            h, out = h[-1:], out[-1:]
+        return self._with_residual(out, h)
 
     def _overlapped(self, hidden_states: torch.Tensor) -> bool:
         # on CUDA the sum would need a stream of its own to run beside the compute: not built
@@ -169,8 +168,7 @@ class FoELayer(TransformerLayer):
             moe_out = self._mlp(h, kwargs)
             hs.append(h)
             if self.is_last:
-                moe_out = fed.start_sum(self._with_residual(
-                    self._read_by_head(moe_out, kwargs), self._read_by_head(h, kwargs)))
+                moe_out = fed.start_sum(self._head_term(h, moe_out, kwargs))
             outs.append(moe_out)
         if self.is_last:
             return torch.cat([summed.result() for summed in outs], dim=1), None
