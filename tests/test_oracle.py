@@ -296,15 +296,22 @@ def test_sdpa_core_attention_equals_megatron_local(build, sq, sk):
 
 
 class _Ops(TorchDispatchMode):
-    """The aten ops run inside it, by name."""
+    """The aten ops run inside it, by name, with the largest output each wrote (elements)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[str] = set()
+        self.largest: dict[str, int] = {}
+
+    @property
+    def seen(self) -> set[str]:
+        return set(self.largest)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        size = out.numel() if isinstance(out, torch.Tensor) else 0
+        self.largest[name] = max(self.largest.get(name, 0), size)
+        return out
 
 
 def test_single_rank_dispatcher_permutes_as_megatron_without_data_dependent_sizes(pg_collection):
@@ -378,4 +385,48 @@ def test_rms_norm_matches_torch():
         _close(ours(x), ref(x), 1e-6, "output without gradients")
         with _Ops() as ops:
             ours(x)
-    assert "linalg_vector_norm" in ops.seen and "pow" not in ops.seen, ops.seen
+    # one vector norm over the activations; torch squares them (pow) first
+    assert "linalg_vector_norm" in ops.seen and ops.largest.get("pow", 0) < x.numel(), ops.largest
+
+
+def test_norm_fused_into_linear_matches_norm_then_linear(pg_collection):
+    """NormColumnParallelLinear with a fused RMSNorm gives the norm-then-linear output and
+    gradients (input, linear weight, norm weight), without writing a normalised copy of the
+    input: no elementwise op produces a tensor the size of its [T, d] input, with or without
+    gradients. Unfused (no ``fuse``), it is megatron's linear layer on its input."""
+    from megatron.core.transformer import TransformerConfig
+
+    from foe_train.model.norm import NormColumnParallelLinear, RMSNorm
+
+    d, out = 32, 16  # narrower output, as an FoE cluster's QKV projection
+    cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=1,
+                            add_bias_linear=False, use_cpu_initialization=True)
+    linear = NormColumnParallelLinear(d, out, config=cfg, init_method=torch.nn.init.normal_,
+                                      bias=False, gather_output=False,
+                                      tp_group=pg_collection.tp)
+    norm = RMSNorm(None, d, eps=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(6, 3, d) * 3
+    g = torch.randn(6, 3, out)
+    results = []
+    for fused in (False, True):
+        if fused:
+            linear.fuse(norm)
+        xi = x.clone().requires_grad_()
+        with _Ops() as ops:
+            y, bias = linear(xi) if fused else linear(norm(xi))
+        y.backward(g)
+        results.append((y.detach(), xi.grad, linear.weight.grad.clone(), norm.weight.grad.clone()))
+        linear.weight.grad = norm.weight.grad = None
+    assert bias is None and not [n for n, _ in linear.named_parameters() if "norm" in n]
+    for name, a, b in zip(("output", "input grad", "weight grad", "norm weight grad"),
+                          *results, strict=True):
+        _close(a, b, 1e-5, name)
+    elementwise = ("mul", "mul_", "div", "add", "copy_", "clone")
+    assert all(ops.largest.get(op, 0) < x.numel() for op in elementwise), ops.largest
+    with torch.no_grad(), _Ops() as ops:
+        y_nograd, _ = linear(x)
+    _close(y_nograd, results[0][0], 1e-5, "output without gradients")
+    assert all(ops.largest.get(op, 0) < x.numel() for op in elementwise), ops.largest

@@ -42,7 +42,7 @@ from foe_train.model.head import (
     vocab_shard,
 )
 from foe_train.model.layer import FoELayer
-from foe_train.model.norm import RMSNorm
+from foe_train.model.norm import NormColumnParallelLinear, RMSNorm
 from foe_train.topology import Topology, token_dispatcher
 
 
@@ -159,6 +159,9 @@ def block_spec(
     specs = []
     for i in range(model.num_layers):
         stock = _layer_spec(model, i, model.num_experts // topo.clusters, backend)
+        if _cpu_norm(backend):
+            # 1/C of the heads: the QKV projection is narrower than d, so the norm fuses into it
+            stock.submodules.self_attention.submodules.linear_qkv = NormColumnParallelLinear
         specs.append(ModuleSpec(module=FoELayer, submodules=stock.submodules, params=params))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 

@@ -31,6 +31,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from foe_train.model.federation import Federation, federated_sum, final_federated_sum
+from foe_train.model.norm import NormColumnParallelLinear
 
 
 class FoELayer(TransformerLayer):
@@ -63,10 +64,15 @@ class FoELayer(TransformerLayer):
         self.federation = federation
         self.residual_sync = residual_sync
         self.is_last = self.layer_number == config.num_layers
+        # the cluster's QKV projection is narrower than d: its input norm fuses into it
+        qkv = self.self_attention.linear_qkv
+        self.norm_in_qkv = isinstance(qkv, NormColumnParallelLinear)
+        if self.norm_in_qkv:
+            qkv.fuse(self.input_layernorm)
 
     def _attention(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
         out, bias = self.self_attention(
-            self.input_layernorm(x),
+            x if self.norm_in_qkv else self.input_layernorm(x),
             attention_mask=kwargs.get("attention_mask"),
             inference_context=kwargs.get("inference_context"),
             rotary_pos_emb=kwargs.get("rotary_pos_emb"),

@@ -8,6 +8,10 @@ without gradients, and the backward five. Every norm runs once per token a rank 
 FoE rank holds its federation's C-fold tokens, so this weighs on FoE C times as much as on the
 baseline (both members use this norm). The math and the parameters are torch's: same
 ``weight``, same checkpoints; elsewhere (CUDA, other dtypes) it is torch's own.
+
+Where a norm feeds one linear layer whose output is narrower than its input, as an FoE
+cluster's attention input feeds its QKV projection of 1/C of the heads, the two fuse the way
+Transformer Engine's LayerNormLinear does (``NormColumnParallelLinear``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 
 
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(mean(x^2) + eps) over the last dimension, in one pass over x."""
-    rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow_(2).div_(x.shape[-1])
-    return rstd.add_(eps).rsqrt_()
+    """1 / sqrt(mean(x^2) + eps) over the last dimension, in one pass over x (differentiable:
+    the steps after the pass are on one value per token)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return (norm.square() / x.shape[-1] + eps).rsqrt()
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -57,3 +63,58 @@ class RMSNorm(torch.nn.RMSNorm):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNorm.apply(x, self.weight, self.eps)
         return (x * _rstd(x, self.eps)).mul_(self.weight)
+
+
+class _NormLinear(torch.autograd.Function):
+    """y = rstd(x) * (x (W * g)^T): an RMSNorm with weight g and a linear layer W without
+    bias, whose normalised input is never materialised."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        rstd = _rstd(x, eps)
+        scaled = weight * norm_weight
+        y = torch.matmul(x, scaled.t()).mul_(rstd)
+        ctx.save_for_backward(x, rstd, weight, norm_weight, scaled, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # z = x (W g)^T, y = rstd z, d rstd / dx = -rstd^3 x / d:
+        # dx = (rstd dy) (W g) - x rstd^3 <dy, z> / d = dz (W g) - x rstd^2 <dy, y> / d
+        x, rstd, weight, norm_weight, scaled, y = ctx.saved_tensors
+        grad_z = grad * rstd
+        dot = torch.linalg.vecdot(grad, y).unsqueeze(-1).mul_(rstd.square()).div_(-x.shape[-1])
+        grad_x = torch.matmul(grad_z, scaled).addcmul_(x, dot)
+        grad_scaled = grad_z.flatten(0, -2).t().matmul(x.flatten(0, -2))
+        return grad_x, grad_scaled * norm_weight, (grad_scaled * weight).sum(0), None
+
+
+class NormColumnParallelLinear(ColumnParallelLinear):
+    """megatron's column-parallel linear layer fused with the RMSNorm before it, for float32
+    CPU activations on one tensor-parallel rank: norm(x) W^T = rstd(x) * (x (W * g)^T), with g
+    the norm's weight and rstd one value per token (``_NormLinear``). The normalised input
+    [T, d] is never written; the output is scaled by rstd. Forward and backward pass over
+    [T, d] once each besides the matmuls, where the norm alone takes three forward and five
+    backward; the output's scaling costs a pass over the output instead, so it pays when the
+    output is narrower than d: an FoE cluster's QKV projection has (H + 2G)/C heads' width.
+    The norm stays its own module, with its weight under its own name (checkpoints
+    unchanged), and is attached with ``fuse``; its owner then hands this layer the
+    un-normalised input."""
+
+    def fuse(self, norm: RMSNorm) -> None:
+        """Normalise this layer's input with ``norm`` (kept out of this module's parameters)."""
+        if self.bias is not None or self.tp_group.size() != 1:
+            raise ValueError("a norm fuses only into a linear layer without bias on one TP rank")
+        object.__setattr__(self, "input_norm", norm)
+
+    def forward(
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        norm = self.__dict__.get("input_norm")
+        if norm is None:
+            return super().forward(input_, weight, runtime_gather_output)
+        if input_.is_cuda or input_.dtype != torch.float32 or weight is not None:
+            return super().forward(norm(input_), weight, runtime_gather_output)
+        return _NormLinear.apply(input_, self.weight, norm.weight, norm.eps), None
