@@ -1,7 +1,7 @@
 """The FoE transformer layer (DESIGN §1) as a megatron-core TransformerLayer subclass.
 
 A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
-G/C KV heads, its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
+G/C KV heads (on a CPU its input norm fused into the QKV projection, ``model.norm``), its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
 the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums
 (``model.federation``, flat or two-level), whose backward keeps the replicated residual's
 gradient in per-cluster shares: one backward sum per federated sum and none where the residual
