@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from launch.torchrun import rank_environment
+
 LINK = "lnk"
 SUBNET = "10.213.{net}.{host}"
 
@@ -159,8 +161,7 @@ def run_emulated(
     if nproc % nodes:
         raise ValueError(f"--nproc {nproc} is not divisible by --nodes {nodes}")
     with fabric(nodes, rate) as fab:
-        full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                    "GLOO_SOCKET_IFNAME": LINK, **(env or {})}
+        full_env = rank_environment({"GLOO_SOCKET_IFNAME": LINK, **(env or {})})
         procs = []
         for node in range(nodes):
             cmd = ["ip", "netns", "exec", fab.namespace(node), sys.executable, "-m",

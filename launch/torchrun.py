@@ -53,6 +53,26 @@ def torchrun_commands(module: str, args: list[str], nproc: int, nodes: int = 1) 
             for _ in range(nodes)]
 
 
+# Defaults of every rank process, where the caller's environment does not set them. One
+# thread per rank (the ranks share the cores). And glibc's malloc keeps the memory that
+# activations free: by default it serves blocks above a dynamic threshold (128 KiB at first)
+# with fresh mappings and returns freed heap to the kernel, so a step's large activations
+# page-fault in anew every step. A fixed 32 MiB threshold (glibc's largest) serves them from
+# the heap, which is then never trimmed. Measured on a 2-core VM, bench pair, one training
+# step per rank: FoE main-thread CPU 930 ms -> 650 ms, baseline 684 ms -> 668 ms.
+RANK_ENV_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+}
+
+
+def rank_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of rank processes: ``RANK_ENV_DEFAULTS`` under this process's
+    environment, ``env`` over both."""
+    return {**RANK_ENV_DEFAULTS, **os.environ, **(env or {})}
+
+
 def _ignore_usr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
@@ -63,8 +83,7 @@ def run_agents(
     """Run agents to completion, passing SIGTERM/SIGUSR1 on to their workers as SIGTERM;
     returns the first non-zero exit code (death by signal N as 128+N), or 0. On failure or
     Ctrl-C every agent is terminated."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                **(env or {})}
+    full_env = rank_environment(env)
     # an ignored disposition survives exec: torchrun keeps ignoring SIGUSR1, the workers
     # install their own handler (foe_train.train.loop.StopSignal)
     procs = [subprocess.Popen(cmd, env=full_env, preexec_fn=_ignore_usr1) for cmd in commands]

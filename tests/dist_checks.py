@@ -19,6 +19,7 @@ from foe_train.model.builder import (
     wrap_ddp,
 )
 from foe_train.model.head import head_group
+from foe_train.model.layer import FoELayer
 from foe_train.model.norm import RMSNorm
 from foe_train.model.oracle import ReferenceFoE
 from foe_train.runtime import device, init_distributed
@@ -76,6 +77,9 @@ def oracle_check(cfg, topo, recompute: bool = False) -> dict:
         norms = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm")
         built = {type(m) for name, m in gpt.named_modules() if name.endswith(norms)}
         assert built == {RMSNorm}, f"norms built: {built}"
+        # and an FoE cluster's attention norm runs inside its QKV projection
+        fused = {m.norm_in_qkv for m in gpt.modules() if isinstance(m, FoELayer)}
+        assert fused <= {True}, "FoE layers whose attention norm is not fused"
     ddp = wrap_ddp(gpt, topo)
     data = batch()
     loss, logits = loss_and_logits(ddp, on_device(shard(data, topo)))

@@ -18,7 +18,7 @@ import pytest
 from foe_train.config import ConfigError, load_config
 from launch.cli import main
 from launch.cluster import load_cluster, placement
-from launch.torchrun import free_port
+from launch.torchrun import free_port, run_agents
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -87,6 +87,22 @@ def test_torchrun_commands_per_node(capsys):
         "# the c10d rendezvous runs on node-a; start the first command there",
         "# on node 0:", cmd, "# on node 1:", cmd,
     ]
+
+
+def test_rank_processes_keep_freed_memory_and_take_the_callers_settings(tmp_path, monkeypatch):
+    """The ranks' malloc keeps freed activations mapped (no page faults every step) and runs
+    one thread, unless the caller's environment or the launcher's env says otherwise."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    out = tmp_path / "env.json"
+    keys = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS"]
+    probe = (f"import json, os; json.dump({{k: os.environ.get(k) for k in {keys!r}}}, "
+             f"open({str(out)!r}, 'w'))")
+    assert run_agents([[sys.executable, "-c", probe]], timeout=60,
+                      env={"OMP_NUM_THREADS": "2"}) == 0
+    assert json.loads(out.read_text()) == {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                                           "MALLOC_TRIM_THRESHOLD_": "4096",
+                                           "OMP_NUM_THREADS": "2"}
 
 
 def test_torchrun_command_single_node(capsys):

@@ -102,6 +102,8 @@ class NormColumnParallelLinear(ColumnParallelLinear):
     unchanged), and is attached with ``fuse``; its owner then hands this layer the
     un-normalised input."""
 
+    input_norm: RMSNorm | None = None
+
     def fuse(self, norm: RMSNorm) -> None:
         """Normalise this layer's input with ``norm`` (kept out of this module's parameters)."""
         if self.bias is not None or self.tp_group.size() != 1:
@@ -112,7 +114,7 @@ class NormColumnParallelLinear(ColumnParallelLinear):
         self, input_: torch.Tensor, weight: torch.Tensor | None = None,
         runtime_gather_output: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        norm = self.__dict__.get("input_norm")
+        norm = self.input_norm
         if norm is None:
             return super().forward(input_, weight, runtime_gather_output)
         if input_.is_cuda or input_.dtype != torch.float32 or weight is not None:
