@@ -58,8 +58,8 @@ def torchrun_commands(module: str, args: list[str], nproc: int, nodes: int = 1) 
 # activations free: by default it serves blocks above a dynamic threshold (128 KiB at first)
 # with fresh mappings and returns freed heap to the kernel, so a step's large activations
 # page-fault in anew every step. A fixed 32 MiB threshold (glibc's largest) serves them from
-# the heap, which is then never trimmed. Measured on a 2-core VM, bench pair, one training
-# step per rank: FoE main-thread CPU 930 ms -> 650 ms, baseline 684 ms -> 668 ms.
+# the heap, which is then never trimmed. Measured on a 2-core VM, bench pair, a forward and
+# backward per rank: FoE main-thread CPU 930 ms -> 650-682 ms, baseline 684 -> 668-695 ms.
 RANK_ENV_DEFAULTS = {
     "OMP_NUM_THREADS": "1",
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
