@@ -1,8 +1,9 @@
 """The FoE transformer layer (DESIGN §1) as a megatron-core TransformerLayer subclass.
 
 A layer instance is one cluster's slice: its attention holds the cluster's H/C query heads and
-G/C KV heads (on a CPU its input norm fused into the QKV projection, ``model.norm``), its MLP is a megatron MoELayer over the cluster's E/C experts (expert-parallel on
-the cluster-EP group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums
+G/C KV heads (on a CPU its input norm fused into the QKV projection, ``model.norm``), its MLP
+is a megatron MoELayer over the cluster's E/C experts (expert-parallel on the cluster-EP
+group) or a 1/C column slice of a dense MLP. Clusters meet only in federated sums
 (``model.federation``, flat or two-level), whose backward keeps the replicated residual's
 gradient in per-cluster shares: one backward sum per federated sum and none where the residual
 enters cluster work. The residual itself rides in the federation's first member's term of each
@@ -64,7 +65,7 @@ class FoELayer(TransformerLayer):
         self.federation = federation
         self.residual_sync = residual_sync
         self.is_last = self.layer_number == config.num_layers
-        # the cluster's QKV projection is narrower than d: its input norm fuses into it
+        # where the spec built a fused QKV projection (model.builder), it takes the norm
         qkv = self.self_attention.linear_qkv
         self.norm_in_qkv = isinstance(qkv, NormColumnParallelLinear)
         if self.norm_in_qkv:
