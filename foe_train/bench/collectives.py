@@ -3,9 +3,10 @@
 
 ``calibrate`` runs this module as a torchrun worker on emulated nodes (launch.netns: network
 namespaces joined by an HTB-capped link; a node's ranks talk over its loopback). The worker
-times all_reduce and all_to_all_single at every power-of-two size from 64 KiB up (SIZES) in the
-two patterns the recipes produce, every group of a pattern running at once (as all ranks do in a
-real step, so the ranks of a node share its link as they would):
+times all_reduce and all_to_all_single at 4 and 16 KiB (a decode step's sums) and at every
+power-of-two size from 64 KiB up (SIZES) in the two patterns the recipes produce, every group of
+a pattern running at once (as all ranks do in a real step, so the ranks of a node share its link
+as they would):
 - intra-node: one group per node holding that node's ranks (FoE's cluster-EP all-to-all);
 - inter-node: all_reduce over groups of one rank per node (FoE's federated sum when each
   cluster sits on its own node), all_to_all_single over every rank (the baseline's EP).
@@ -76,17 +77,21 @@ from foe_train.bench.comm_model import Link, comm_seconds
 from foe_train.runtime import all_reduce_values, init_distributed, synchronize
 from foe_train.topology import consecutive_nodes, ranks_by_node
 
-# Bytes of the tensor handed to one collective (fp32), per scope: every power of two from
-# 64 KiB, so the bend from the latency floor into the bandwidth slope is sampled densely;
-# loopback collectives are cheap, so the intra-node sizes go higher, well past the bend.
-SIZES = {"intra_node": tuple(1 << k for k in range(16, 26)),  # 64 KiB .. 32 MiB
-         "inter_node": tuple(1 << k for k in range(16, 24))}  # 64 KiB .. 8 MiB
+# Bytes of the tensor handed to one collective (fp32), per scope: 4 and 16 KiB, the sizes a
+# decode step sends, on which the projection's TBT rests (here they sit on the latency floor
+# with 64 KiB: all-reduce 1.7-2.2 ms in both scopes, all-to-all 0.6-0.9 ms on the loopback and
+# 1.3-1.6 ms across nodes); then every power of two from 64 KiB, so the bend from the floor
+# into the bandwidth slope is sampled densely; loopback collectives are cheap, so the
+# intra-node sizes go higher, well past the bend.
+_DECODE = (1 << 12, 1 << 14)
+SIZES = {"intra_node": _DECODE + tuple(1 << k for k in range(16, 26)),  # 4 KiB .. 32 MiB
+         "inter_node": _DECODE + tuple(1 << k for k in range(16, 24))}  # 4 KiB .. 8 MiB
 SCOPES = ("intra_node", "inter_node")
 # Seconds one timed loop should last: long enough that the scheduler's millisecond-scale
 # hiccups on a shared 2-core machine average out over many calls.
 TARGET_SECONDS = 0.05
 # Repeats per point: the interquartile mean over them sheds bursts of load; 31 keep the
-# calibration near 70 s on an otherwise idle 2-core machine.
+# calibration near 85 s on an otherwise idle 2-core machine.
 REPS = 31
 
 
