@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from foe_train.bench.stats import median_interval, paired_ratios
+from foe_train.bench.stats import DRIFT_WARNING, drift, median_interval, paired_ratios
+from foe_train.bench.train_bench import format_report
 from foe_train.cli import bench_main
 from tests.test_cli_input import refused
 
@@ -42,6 +43,7 @@ def test_train_bench_pair_json(tmp_path):
         assert member["profile"] and all(op["self_cpu_ms"] >= 0 and op["calls"] > 0
                                          for op in member["profile"])
         assert member["collective_s"] > 0 and member["collectives"]
+        assert member["drift"] > -1
     assert row["ratio"]["tokens_per_s"] == pytest.approx(
         row["foe"]["tokens_per_s"]["median"] / row["moe"]["tokens_per_s"]["median"])
     assert row["ratio"]["cpu_s"] == pytest.approx(
@@ -51,6 +53,11 @@ def test_train_bench_pair_json(tmp_path):
     assert rounds["ci95_low"] <= rounds["median"] <= rounds["ci95_high"]
     assert any(k.startswith("all_to_all@ep") for k in row["moe"]["collectives"])
     assert not runs.exists()  # no checkpoints, metrics or W&B run
+    # the text report names the drift, and warns only when the machine's speed changed
+    assert "machine drift" in format_report(report)
+    for member, warned in ((0.0, False), (-2 * DRIFT_WARNING, True)):
+        row["foe"]["drift"] = row["moe"]["drift"] = member
+        assert ("warning: the machine's speed changed" in format_report(report)) == warned
 
 
 def test_paired_ratios_are_per_round():
@@ -59,6 +66,12 @@ def test_paired_ratios_are_per_round():
     assert rounds["median"] == pytest.approx(1.0) and rounds["p90"] == pytest.approx(1.1)
     assert rounds["wins"] == pytest.approx(1 / 3)
     assert (rounds["ci95_low"], rounds["ci95_high"]) == pytest.approx((1.0, 1.1))
+
+
+def test_drift_compares_the_halves_of_a_run():
+    assert drift([100.0, 100.0, 60.0, 60.0]) == pytest.approx(-0.4)
+    assert drift([100.0, 100.0, 999.0, 110.0, 110.0]) == pytest.approx(0.1)  # middle left out
+    assert drift([100.0]) == 0.0
 
 
 @pytest.mark.parametrize(("n", "ranks"), [(5, (1, 5)), (6, (1, 6)), (10, (2, 9)), (20, (6, 15)),

@@ -1,5 +1,6 @@
-"""Statistics of the benchmarks' repeated measurements: a member's summary, and the FoE/MoE
-ratio of each interleaved round, which tells parity from a real gap on a noisy machine."""
+"""Statistics of the benchmarks' repeated measurements: a member's summary, the FoE/MoE
+ratio of each interleaved round, which tells parity from a real gap on a noisy machine, and
+the drift of the machine's speed over a run, which tells whether the run met one load."""
 
 from __future__ import annotations
 
@@ -41,3 +42,18 @@ def paired_ratios(num: list[float], den: list[float]) -> dict[str, float]:
     low, high = median_interval(ratios)
     return {**summary(ratios), "ci95_low": low, "ci95_high": high,
             "wins": sum(r > 1 for r in ratios) / len(ratios)}
+
+
+# Above this change of a member's median speed between the halves of a run, the run met more
+# than one load: on a shared 2-core machine a 40% slow-down moved the bench pair's FoE/MoE
+# ratio from 0.97 to 0.82 within one process (docs/performance.md).
+DRIFT_WARNING = 0.2
+
+
+def drift(values: list[float]) -> float:
+    """Median of the second half of a run's rates over that of its first half, minus 1
+    (0: the machine ran at one speed; -0.4: the second half 40% slower)."""
+    half = len(values) // 2
+    if half == 0:
+        return 0.0
+    return statistics.median(values[-half:]) / statistics.median(values[:half]) - 1

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from foe_train.bench.comm import CommRecorder, gather_summaries
 from foe_train.bench.comm_run import emit, mean_over_ranks
 from foe_train.bench.latency import timed
-from foe_train.bench.stats import paired_ratios, summary
+from foe_train.bench.stats import DRIFT_WARNING, drift, paired_ratios, summary
 from foe_train.config import load_config
 from foe_train.runtime import all_reduce_values, init_distributed
 from foe_train.train.job import Job, build_job
@@ -96,6 +96,7 @@ def measure(jobs: dict[str, Job], steps: int, warmup: int) -> dict[str, Any]:
         row[kind] = {"tokens_per_s": summary(rates[kind]),
                      "step_s": summary(seconds[kind]),
                      "cpu_s": summary(cpu[kind]),
+                     "drift": drift(rates[kind]),
                      "tokens_per_step": tokens,
                      **profile_step(job, warmup + steps)}
     row["ratio"] = {"tokens_per_s": row["foe"]["tokens_per_s"]["median"]
@@ -127,6 +128,13 @@ def format_report(report: dict[str, Any]) -> str:
                      f"per round: median {rounds['median']:.3f} (95% CI {rounds['ci95_low']:.3f}-"
                      f"{rounds['ci95_high']:.3f}), p10 {rounds['p10']:.3f}, "
                      f"p90 {rounds['p90']:.3f}, FoE faster in {rounds['wins']:.0%}")
+        drifts = {kind: row[kind]["drift"] for kind in KINDS}
+        lines.append("machine drift (tokens/s, second half of the run against the first): "
+                     + ", ".join(f"{kind} {d:+.0%}" for kind, d in drifts.items()))
+        if max(abs(d) for d in drifts.values()) > DRIFT_WARNING:
+            lines.append(f"warning: the machine's speed changed by more than "
+                         f"{DRIFT_WARNING:.0%} during the run, so the ratio mixes loads; "
+                         f"rerun on a quieter machine before reading it")
         for kind in KINDS:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['calls']}"
                              for k, v in row[kind]["collectives"].items())
