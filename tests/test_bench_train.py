@@ -55,8 +55,8 @@ def test_train_bench_pair_json(tmp_path):
     assert not runs.exists()  # no checkpoints, metrics or W&B run
     # the text report names the drift, and warns only when the machine's speed changed
     assert "machine drift" in format_report(report)
-    for member, warned in ((0.0, False), (-2 * DRIFT_WARNING, True)):
-        row["foe"]["drift"] = row["moe"]["drift"] = member
+    for value, warned in ((0.0, False), (-2 * DRIFT_WARNING, True)):
+        row["foe"]["drift"] = row["moe"]["drift"] = value
         assert ("warning: the machine's speed changed" in format_report(report)) == warned
 
 

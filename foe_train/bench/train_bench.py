@@ -132,9 +132,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("machine drift (tokens/s, second half of the run against the first): "
                      + ", ".join(f"{kind} {d:+.0%}" for kind, d in drifts.items()))
         if max(abs(d) for d in drifts.values()) > DRIFT_WARNING:
-            lines.append(f"warning: the machine's speed changed by more than "
+            lines.append("warning: the machine's speed changed by more than "
                          f"{DRIFT_WARNING:.0%} during the run, so the ratio mixes loads; "
-                         f"rerun on a quieter machine before reading it")
+                         "rerun on a quieter machine before reading it")
         for kind in KINDS:
             comm = ", ".join(f"{k} {v['seconds'] * 1e3:.1f}ms/{v['calls']}"
                              for k, v in row[kind]["collectives"].items())
