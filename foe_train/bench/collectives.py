@@ -78,11 +78,10 @@ from foe_train.runtime import all_reduce_values, init_distributed, synchronize
 from foe_train.topology import consecutive_nodes, ranks_by_node
 
 # Bytes of the tensor handed to one collective (fp32), per scope: 4 and 16 KiB, the sizes a
-# decode step sends, on which the projection's TBT rests (here they sit on the latency floor
-# with 64 KiB: all-reduce 1.7-2.2 ms in both scopes, all-to-all 0.6-0.9 ms on the loopback and
-# 1.3-1.6 ms across nodes); then every power of two from 64 KiB, so the bend from the floor
-# into the bandwidth slope is sampled densely; loopback collectives are cheap, so the
-# intra-node sizes go higher, well past the bend.
+# decode step sends, on which the projection's TBT rests (near the latency floor of 64 KiB,
+# yet fits from 64 KiB up missed them by up to 33%); then every power of two from 64 KiB, so
+# the bend from the floor into the bandwidth slope is sampled densely; loopback collectives
+# are cheap, so the intra-node sizes go higher, well past the bend.
 _DECODE = (1 << 12, 1 << 14)
 SIZES = {"intra_node": _DECODE + tuple(1 << k for k in range(16, 26)),  # 4 KiB .. 32 MiB
          "inter_node": _DECODE + tuple(1 << k for k in range(16, 24))}  # 4 KiB .. 8 MiB
