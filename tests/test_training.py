@@ -314,9 +314,11 @@ def test_two_torchrun_nodes_keep_foe_all_to_all_inside_nodes(tmp_path, kind):
         assert a2a["all_to_all@ep"]["cross_node_bytes"] > 0
 
 
-def test_collective_timeout_ends_a_wait_for_a_stopped_peer(tmp_path):
+def test_joining_sets_timeouts_and_flushes_subnormals(tmp_path):
     """training.collective_timeout_s reaches every process group, also those created later
-    without a timeout argument (torch would give them its 30-minute default)."""
+    without a timeout argument (torch would give them its 30-minute default); and the CPU
+    flushes subnormal floats to zero in every thread (sharp attention makes them, and they
+    slowed a CPU training step by up to 80%)."""
     out = tmp_path / "timeout.json"
     (cmd,) = torchrun_commands("tests.timeout_worker", ["--out", str(out)], nproc=2)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
@@ -326,3 +328,4 @@ def test_collective_timeout_ends_a_wait_for_a_stopped_peer(tmp_path):
     # failed after the 1 s timeout, long before the peer's 8 s absence ended
     assert report["outcome"] != "completed" and "imed out" in report["outcome"], report
     assert 0.9 < report["waited_s"] < 6, report
+    assert report["subnormal_product"] == 0.0, report  # 4 x 2^-141 without flushing

@@ -1,11 +1,13 @@
 """Under torchrun, 2 ranks: join as the training loop does with
 training.collective_timeout_s=1, create a group the way the topology and megatron do (no
 timeout argument), and let rank 1 stay away from a collective on it. Rank 0 writes how long
-its all-reduce waited and how it ended."""
+its all-reduce waited and how it ended, and what a subnormal float becomes in a thread
+started after joining (the CPU's flush-to-zero setting, which threads inherit)."""
 
 import argparse
 import json
 import os
+import threading
 import time
 
 import torch
@@ -22,6 +24,11 @@ def main() -> None:
     init_distributed(load_config(None, ["training.collective_timeout_s=1"])
                      .training.collective_timeout_s)
     group = dist.new_group([0, 1])
+    products: list[float] = []
+    worker = threading.Thread(target=lambda: products.append(
+        (torch.full((4,), 2.0 ** -140) * 0.5).sum().item()))
+    worker.start()
+    worker.join()
     if dist.get_rank() == 1:
         time.sleep(8)  # a stopped peer; then leave without joining the collective
         os._exit(0)
@@ -32,7 +39,8 @@ def main() -> None:
     except RuntimeError as exc:
         outcome = str(exc).splitlines()[0]
     with open(args.out, "w") as f:
-        json.dump({"waited_s": time.monotonic() - start, "outcome": outcome}, f)
+        json.dump({"waited_s": time.monotonic() - start, "outcome": outcome,
+                   "subnormal_product": products[0]}, f)
     os._exit(0)  # the group is broken: skip destroy_process_group
 
 
