@@ -320,7 +320,7 @@ def test_joining_sets_timeouts_and_flushes_subnormals(tmp_path):
     flushes subnormal floats to zero in every thread (sharp attention makes them, and they
     slowed a CPU training step by up to 80%)."""
     out = tmp_path / "timeout.json"
-    (cmd,) = torchrun_commands("tests.timeout_worker", ["--out", str(out)], nproc=2)
+    (cmd,) = torchrun_commands("tests.join_worker", ["--out", str(out)], nproc=2)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
