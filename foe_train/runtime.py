@@ -1,6 +1,6 @@
 """Where this process runs: the one way to join the job's process group, and the one device.
 
-Every entry point (training, generation, benchmarks, the tests' workers) calls
+Every entry point (training, generation, evaluation, benchmarks, the tests' workers) calls
 ``init_distributed``; everything else asks ``device()``. On CUDA the backend is NCCL with one
 GPU per local rank (``LOCAL_RANK``); on CPU it is gloo. NCCL only takes CUDA tensors, so any
 value that crosses ranks is put on ``device()`` first (``all_reduce_values``): the same code

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from foe_train.infer.generate import (
     world_size,
 )
 from foe_train.model.builder import build_model
+from foe_train.runtime import init_distributed
 from foe_train.topology import Topology, build_topology
 
 RETRIEVAL = tuple(tasks.GENERATORS)
@@ -182,10 +182,7 @@ def _summary_line(task: str, result: dict[str, Any]) -> str:
 def _worker(args: argparse.Namespace, cfg: RecipeConfig, path: Path) -> None:
     """One rank: build the topology and model, load the weights, run every task; rank 0
     writes the results."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_distributed(cfg.training.collective_timeout_s)
     try:
         topo = build_topology(cfg.model, cfg.parallel)
         tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.tokenizer_path)
