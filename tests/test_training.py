@@ -319,7 +319,7 @@ def test_joining_sets_timeouts_and_flushes_subnormals(tmp_path):
     without a timeout argument (torch would give them its 30-minute default); and the CPU
     flushes subnormal floats to zero in every thread (sharp attention makes them, and they
     slowed a CPU training step by up to 80%)."""
-    out = tmp_path / "timeout.json"
+    out = tmp_path / "join.json"
     (cmd,) = torchrun_commands("tests.join_worker", ["--out", str(out)], nproc=2)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
