@@ -13,7 +13,10 @@ from foe_train.cli import bench_main
 from foe_train.config import load_config
 from tests.test_cli_input import refused
 
-SMALL = ["model.num_layers=2", "model.seq_length=32"]
+# the quickstart pair laid out across nodes: FoE clusters of two ranks (one per node on 2 nodes),
+# the baseline's EP over all four ranks
+SPANNING = ["parallel.data=1", "parallel.ranks_per_cluster=2", "parallel.expert_parallel=4"]
+SMALL = ["model.num_layers=2", "model.seq_length=32", *SPANNING]
 
 
 def comm(tmp_path, recipe: str, nproc: int, nodes: int, *overrides: str,
@@ -113,7 +116,7 @@ def test_auto_dispatcher_gathers_when_k_exceeds_the_group(tmp):
 def test_two_level_sum_from_its_threshold_on():
     """parallel.two_level_min_bytes: a sum of fewer bytes is predicted flat (one call), one of
     at least that many two-level, as Federation.all_reduce chooses at run time."""
-    cfg = load_config("configs/quickstart/foe.yaml", ["parallel.clusters=4",
+    cfg = load_config("configs/quickstart/foe.yaml", ["parallel.data=1", "parallel.clusters=4",
                                                       "parallel.ranks_per_cluster=1",
                                                       "model.cluster_topk=1"])
     per_token = cfg.model.hidden_size * 4

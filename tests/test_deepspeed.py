@@ -30,10 +30,11 @@ STEPS = 12
 # sequence length, with smaller micro-batches where that makes DeepSpeed accumulate gradients
 CASES = [
     ["foe-1x2x2", str(QUICK / "foe.yaml"),
-     ["model.seq_length=32", "training.micro_batch_size=4"]],
-    ["foe-2x2x1", str(QUICK / "foe.yaml"),
-     ["model.seq_length=32", "parallel.data=2", "parallel.ranks_per_cluster=1"]],
-    ["moe-ep4", str(QUICK / "moe.yaml"), ["model.seq_length=32", "training.micro_batch_size=2"]],
+     ["model.seq_length=32", "training.micro_batch_size=4", "parallel.data=1",
+      "parallel.ranks_per_cluster=2"]],
+    ["foe-2x2x1", str(QUICK / "foe.yaml"), ["model.seq_length=32"]],
+    ["moe-ep4", str(QUICK / "moe.yaml"), ["model.seq_length=32", "training.micro_batch_size=2",
+                                          "parallel.expert_parallel=4"]],
 ]
 RESUME_RECIPE = [TINY, "training.engine=deepspeed", "training.deepspeed.zero_stage=2"]
 

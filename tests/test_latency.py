@@ -13,9 +13,10 @@ import pytest
 from foe_train.bench.comm_model import predict
 from foe_train.config import load_config
 from launch.netns import leftover_namespaces
+from tests.test_comm import SPANNING
 
 PAIR = ["configs/quickstart/foe.yaml", "configs/quickstart/moe.yaml"]
-SMALL = ["model.num_layers=2", "model.seq_length=32"]
+SMALL = ["model.num_layers=2", "model.seq_length=32", *SPANNING]
 ROWS = [(4, 16), (8, 16), (4, 24), (8, 24)]
 # copies per token: quickstart k = 2 of 8 experts; FoE: 2 clusters, each k_c = 1
 TOPK = {"moe": 2, "foe": 2}

@@ -132,7 +132,8 @@ def test_recipe_inherits_base_and_takes_overrides():
 def test_cli_refuses_in_one_line():
     out = subprocess.run(
         [sys.executable, "-m", "foe_train.cli", "comm", "--config", "configs/quickstart/foe.yaml",
-         "--nproc", "4", "--nodes", "4"], capture_output=True, text=True, timeout=60,
+         "--nproc", "4", "--nodes", "4", "parallel.data=1", "parallel.ranks_per_cluster=2"],
+        capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0, out.stderr
