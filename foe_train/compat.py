@@ -1,7 +1,8 @@
 """megatron-core on CPU with gloo.
 
 megatron-core calls CUDA APIs unconditionally in a few places. Without CUDA we replace exactly
-those calls with CPU equivalents; with CUDA nothing is touched. Each patch names the
+those calls with CPU equivalents, and gloo's reduce-scatter, which would move twice the bytes
+of one (``_gloo_reduce_scatter``); with CUDA nothing is touched. Each patch names the
 megatron-core call it serves, and each refuses (CompatError) a name that no longer exists, so
 a megatron-core upgrade cannot leave a patch silently doing nothing. The "CUDA" RNG that
 megatron's tracker forks is emulated by one CPU generator, so forks and seeds behave
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 _applied = False
 _virtual_cuda_rng = torch.Generator()
@@ -111,6 +114,27 @@ def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _gloo_reduce_scatter(torch_reduce_scatter: Callable) -> Callable:
+    """torch.distributed.reduce_scatter_tensor, made a true reduce-scatter on gloo groups.
+    ProcessGroupGloo runs a reduce-scatter as an all-reduce of the whole input and a copy of
+    this rank's chunk: twice a reduce-scatter's bytes on the wire, which would burden the
+    allgather dispatcher's combine and FoE's two-level sum on CPUs (and NCCL has a real one).
+    Sending every rank its chunk (an all-to-all) and summing what arrives moves exactly a
+    reduce-scatter's bytes. Asynchronous calls and other reductions go to torch's."""
+
+    def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor,
+                              op: Any = dist.ReduceOp.SUM, group: Any = None,
+                              async_op: bool = False) -> Any:
+        if async_op or op != dist.ReduceOp.SUM or dist.get_backend(group) != "gloo":
+            return torch_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
+        received = torch.empty_like(input)
+        dist.all_to_all_single(received, input.contiguous(), group=group)
+        torch.sum(received.view(-1, *output.shape), dim=0, out=output)
+        return None
+
+    return reduce_scatter_tensor
+
+
 class CompatError(RuntimeError):
     """A patched name is gone (megatron-core or torch changed): the patch would do nothing."""
 
@@ -158,6 +182,7 @@ def apply_cpu_compat() -> bool:
     from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import clip_grads, distrib_optimizer
     from megatron.core.optimizer import optimizer as mc_optimizer
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mc_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -193,6 +218,12 @@ def apply_cpu_compat() -> bool:
     # clip_grad_by_total_norm_fp32
     _replace(clip_grads, "clip_grad_by_total_norm_fp32", _clip_by_total_norm)
     _replace(mc_optimizer, "clip_grad_by_total_norm_fp32", _clip_by_total_norm)
+    # gloo: tensor_parallel.mappings' reduce-scatter (the allgather dispatcher's combine and its
+    # gather's backward) and foe_train.model.federation's two-level sum ->
+    # torch.distributed.reduce_scatter_tensor, which ProcessGroupGloo runs as an all-reduce
+    reduce_scatter = _gloo_reduce_scatter(dist.reduce_scatter_tensor)
+    _replace(dist, "reduce_scatter_tensor", reduce_scatter)
+    _replace(mappings, "dist_reduce_scatter_func", reduce_scatter)
     _applied = True
     return True
 

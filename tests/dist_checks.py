@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from foe_train.compat import apply_cpu_compat
 from foe_train.config import RecipeConfig, cluster_topk
 from foe_train.model import head
 from foe_train.model.builder import (
@@ -182,6 +183,26 @@ def same_function_check() -> dict:
     }
 
 
+def reduce_scatter_check() -> dict:
+    """torch.distributed.reduce_scatter_tensor on gloo once foe_train.compat is applied: the
+    sum over ranks of each rank's chunk, sent as one all-to-all (gloo's own reduce-scatter
+    all-reduces the whole input)."""
+    apply_cpu_compat()
+    n, rank = dist.get_world_size(), dist.get_rank()
+    x = torch.arange(n * 6, dtype=torch.float32).view(n * 3, 2) * (rank + 1)
+    out = torch.empty(3, 2)
+    calls = []
+    all_to_all = dist.all_to_all_single
+    dist.all_to_all_single = lambda *a, **k: calls.append(a[1].shape) or all_to_all(*a, **k)
+    try:
+        dist.reduce_scatter_tensor(out, x)
+    finally:
+        dist.all_to_all_single = all_to_all
+    want = x.view(n, 3, 2)[rank] / (rank + 1) * n * (n + 1) / 2
+    return {"world": n, "equal": torch.equal(out, want),
+            "all_to_all_inputs": [list(c) for c in calls]}
+
+
 def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
     results = {}
     for mode in modes:
@@ -245,6 +266,7 @@ def main() -> None:
         results[f"moe:{spec}"] = run("moe", parallel, [None], dispatcher or "alltoall")
     if args.same_function:
         results["same_function"] = same_function_check()
+    results["reduce_scatter"] = reduce_scatter_check()
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -112,3 +112,11 @@ def test_c1_foe_equals_baseline(results):
         pytest.skip("checked in the single-rank launch")
     r = results["same_function"]
     assert r["same_names"] and r["logits_rel"] <= 1e-6 and r["grad_rel_max"] <= 1e-6
+
+
+def test_gloo_reduce_scatter_sends_each_rank_its_chunk(results):
+    """foe_train.compat: on gloo a reduce-scatter (the allgather dispatcher's combine, the
+    two-level sum's first step) is one all-to-all of the input and a local sum, the bytes of a
+    reduce-scatter, where gloo's own all-reduces the whole input."""
+    r = results["reduce_scatter"]
+    assert r["equal"] and r["all_to_all_inputs"] == [[3 * r["world"], 2]]
