@@ -20,6 +20,7 @@ import pytest
 from foe_train.checkpoint import complete_checkpoints
 from foe_train.config import ConfigError, load_config
 from foe_train.train.deepspeed_engine import deepspeed_config
+from tests.test_comm import SPANNING
 from tests.test_training import refused
 
 ROOT = Path(__file__).parent.parent
@@ -30,11 +31,10 @@ STEPS = 12
 # sequence length, with smaller micro-batches where that makes DeepSpeed accumulate gradients
 CASES = [
     ["foe-1x2x2", str(QUICK / "foe.yaml"),
-     ["model.seq_length=32", "training.micro_batch_size=4", "parallel.data=1",
-      "parallel.ranks_per_cluster=2"]],
+     ["model.seq_length=32", "training.micro_batch_size=4", *SPANNING]],
     ["foe-2x2x1", str(QUICK / "foe.yaml"), ["model.seq_length=32"]],
-    ["moe-ep4", str(QUICK / "moe.yaml"), ["model.seq_length=32", "training.micro_batch_size=2",
-                                          "parallel.expert_parallel=4"]],
+    ["moe-ep4", str(QUICK / "moe.yaml"),
+     ["model.seq_length=32", "training.micro_batch_size=2", *SPANNING]],
 ]
 RESUME_RECIPE = [TINY, "training.engine=deepspeed", "training.deepspeed.zero_stage=2"]
 

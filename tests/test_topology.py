@@ -7,6 +7,7 @@ import pytest
 
 from foe_train.config import ConfigError, ModelConfig, ParallelConfig, load_config
 from foe_train.topology import Grid, TopologyError, check_layout, consecutive_nodes
+from tests.test_comm import SPANNING
 
 MODEL = ModelConfig(num_query_groups=4, num_experts=8, moe_router_topk=2)
 
@@ -132,7 +133,7 @@ def test_recipe_inherits_base_and_takes_overrides():
 def test_cli_refuses_in_one_line():
     out = subprocess.run(
         [sys.executable, "-m", "foe_train.cli", "comm", "--config", "configs/quickstart/foe.yaml",
-         "--nproc", "4", "--nodes", "4", "parallel.data=1", "parallel.ranks_per_cluster=2"],
+         "--nproc", "4", "--nodes", "4", *SPANNING],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
