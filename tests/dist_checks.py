@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from foe_train.compat import apply_cpu_compat
+from foe_train.compat import SMALL_ALL_REDUCE_BYTES, apply_cpu_compat
 from foe_train.config import RecipeConfig, cluster_topk
 from foe_train.model import head
 from foe_train.model.builder import (
@@ -203,6 +203,34 @@ def reduce_scatter_check() -> dict:
             "all_to_all_inputs": [list(c) for c in calls]}
 
 
+def small_all_reduce_check() -> dict:
+    """torch.distributed.all_reduce on gloo once foe_train.compat is applied: a small tensor's
+    sum comes from one all-gather and a local sum (gloo's ring takes twice the steps), a large
+    one from gloo's own all-reduce, as is a small one queued in a coalescing manager (megatron
+    DDP's bucket all-reduce), and all equal the sum over ranks."""
+    apply_cpu_compat()
+    n, rank = dist.get_world_size(), dist.get_rank()
+    small = torch.arange(6, dtype=torch.float32).view(3, 2).t() * (rank + 1)  # not contiguous
+    large = torch.full((SMALL_ALL_REDUCE_BYTES // 4 + 1,), float(rank + 1))
+    queued = torch.full((4,), float(rank + 1))
+    gathers = []
+    all_gather = dist.all_gather_into_tensor
+    dist.all_gather_into_tensor = lambda *a, **k: gathers.append(a[1].numel()) or all_gather(
+        *a, **k)
+    try:
+        dist.all_reduce(small)
+        dist.all_reduce(large)
+        with dist.distributed_c10d._coalescing_manager(dist.group.WORLD):
+            dist.all_reduce(queued)
+    finally:
+        dist.all_gather_into_tensor = all_gather
+    total = n * (n + 1) / 2
+    return {"world": n, "gathers": gathers,
+            "small_equal": torch.equal(small, torch.arange(6.0).view(3, 2).t() * total),
+            "large_equal": bool((large == total).all()),
+            "queued_equal": bool((queued == total).all())}
+
+
 def run(kind: str, parallel: dict, modes: list, dispatcher: str) -> dict:
     results = {}
     for mode in modes:
@@ -267,6 +295,7 @@ def main() -> None:
     if args.same_function:
         results["same_function"] = same_function_check()
     results["reduce_scatter"] = reduce_scatter_check()
+    results["small_all_reduce"] = small_all_reduce_check()
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -120,3 +120,11 @@ def test_gloo_reduce_scatter_sends_each_rank_its_chunk(results):
     reduce-scatter, where gloo's own all-reduces the whole input."""
     r = results["reduce_scatter"]
     assert r["equal"] and r["all_to_all_inputs"] == [[3 * r["world"], 2]]
+
+
+def test_gloo_small_all_reduce_is_one_gather(results):
+    """foe_train.compat: on gloo a small all-reduce (a decode step's federated sum) is one
+    all-gather and a local sum; a large one, or one queued in a coalescing manager, stays
+    gloo's; all are the sum over ranks."""
+    r = results["small_all_reduce"]
+    assert r["small_equal"] and r["large_equal"] and r["queued_equal"] and r["gathers"] == [6]
