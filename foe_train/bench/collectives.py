@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 
 from foe_train.bench.comm_model import Link, comm_seconds
+from foe_train.compat import apply_cpu_compat
 from foe_train.runtime import all_reduce_values, init_distributed, synchronize
 from foe_train.topology import consecutive_nodes, ranks_by_node
 
@@ -157,6 +158,7 @@ def _interleaved(calls: list[Callable[[], object]], reps: int) -> list[list[floa
 
 def _worker(out: str, sizes: dict[str, list[int]], reps: int) -> None:
     here = init_distributed()
+    apply_cpu_compat()  # time the collectives the models call (gloo's small all-reduce)
     rank, world = dist.get_rank(), dist.get_world_size()
     per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     nodes = world // per_node
