@@ -115,6 +115,12 @@ def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def _own_gloo(group: Any) -> bool:
+    """Whether ``group`` (None: the world) is a gloo group this rank belongs to; for any other
+    a collective goes to torch's (a non-member's call is a no-op there)."""
+    return group is not dist.GroupMember.NON_GROUP_MEMBER and dist.get_backend(group) == "gloo"
+
+
 def _gloo_reduce_scatter(torch_reduce_scatter: Callable) -> Callable:
     """torch.distributed.reduce_scatter_tensor, made a true reduce-scatter on gloo groups.
     ProcessGroupGloo runs a reduce-scatter as an all-reduce of the whole input and a copy of
@@ -126,7 +132,7 @@ def _gloo_reduce_scatter(torch_reduce_scatter: Callable) -> Callable:
     def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor,
                               op: Any = dist.ReduceOp.SUM, group: Any = None,
                               async_op: bool = False) -> Any:
-        if async_op or op != dist.ReduceOp.SUM or dist.get_backend(group) != "gloo":
+        if async_op or op != dist.ReduceOp.SUM or not _own_gloo(group):
             return torch_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
         received = torch.empty_like(input)
         dist.all_to_all_single(received, input.contiguous(), group=group)
@@ -154,7 +160,7 @@ def _gloo_small_all_reduce(torch_all_reduce: Callable) -> Callable:
                    async_op: bool = False) -> Any:
         if (async_op or op != dist.ReduceOp.SUM
                 or tensor.numel() * tensor.element_size() > SMALL_ALL_REDUCE_BYTES
-                or dist.get_backend(group) != "gloo"
+                or not _own_gloo(group)
                 or (group or dist.group.WORLD) in dist.distributed_c10d._world.pg_coalesce_state):
             return torch_all_reduce(tensor, op=op, group=group, async_op=async_op)
         gathered = tensor.new_empty(dist.get_world_size(group) * tensor.numel())
