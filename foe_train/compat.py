@@ -115,10 +115,13 @@ def _causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
-def _own_gloo(group: Any) -> bool:
-    """Whether ``group`` (None: the world) is a gloo group this rank belongs to; for any other
-    a collective goes to torch's (a non-member's call is a no-op there)."""
-    return group is not dist.GroupMember.NON_GROUP_MEMBER and dist.get_backend(group) == "gloo"
+def _sync_gloo_sum(op: Any, group: Any, async_op: bool) -> bool:
+    """Whether a collective is a synchronous sum over a gloo group (None: the world) this rank
+    belongs to, the only calls the gloo patches take; any other goes to torch's (a
+    non-member's call is a no-op there)."""
+    return (not async_op and op == dist.ReduceOp.SUM
+            and group is not dist.GroupMember.NON_GROUP_MEMBER
+            and dist.get_backend(group) == "gloo")
 
 
 def _gloo_reduce_scatter(torch_reduce_scatter: Callable) -> Callable:
@@ -127,12 +130,12 @@ def _gloo_reduce_scatter(torch_reduce_scatter: Callable) -> Callable:
     this rank's chunk: twice a reduce-scatter's bytes on the wire, which would burden the
     allgather dispatcher's combine and FoE's two-level sum on CPUs (and NCCL has a real one).
     Sending every rank its chunk (an all-to-all) and summing what arrives moves exactly a
-    reduce-scatter's bytes. Asynchronous calls and other reductions go to torch's."""
+    reduce-scatter's bytes. Other calls go to torch's (``_sync_gloo_sum``)."""
 
     def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor,
                               op: Any = dist.ReduceOp.SUM, group: Any = None,
                               async_op: bool = False) -> Any:
-        if async_op or op != dist.ReduceOp.SUM or not _own_gloo(group):
+        if not _sync_gloo_sum(op, group, async_op):
             return torch_reduce_scatter(output, input, op=op, group=group, async_op=async_op)
         received = torch.empty_like(input)
         dist.all_to_all_single(received, input.contiguous(), group=group)
@@ -152,15 +155,14 @@ def _gloo_small_all_reduce(torch_all_reduce: Callable) -> Callable:
     prefill's last one) gathering every rank's tensor (n-1 steps) and adding them up locally is
     faster: on 4 ranks, 2 cores, 4-64 KiB, 2.9-3.9 ms against 5.0-6.2 ms, on one node and across
     two emulated ones (NCCL's all-reduce of small tensors is latency-bound already). Every rank
-    adds the same terms in the same order, so all get the same sum. Larger tensors,
-    asynchronous calls, other reductions and calls inside a coalescing manager (megatron DDP's
-    bucket all-reduce: the call is queued there, not run) go to torch's."""
+    adds the same terms in the same order, so all get the same sum. Larger tensors, calls
+    inside a coalescing manager (megatron DDP's bucket all-reduce: the call is queued there, not
+    run) and other calls (``_sync_gloo_sum``) go to torch's."""
 
     def all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,
                    async_op: bool = False) -> Any:
-        if (async_op or op != dist.ReduceOp.SUM
-                or tensor.numel() * tensor.element_size() > SMALL_ALL_REDUCE_BYTES
-                or not _own_gloo(group)
+        if (tensor.numel() * tensor.element_size() > SMALL_ALL_REDUCE_BYTES
+                or not _sync_gloo_sum(op, group, async_op)
                 or (group or dist.group.WORLD) in dist.distributed_c10d._world.pg_coalesce_state):
             return torch_all_reduce(tensor, op=op, group=group, async_op=async_op)
         gathered = tensor.new_empty(dist.get_world_size(group) * tensor.numel())

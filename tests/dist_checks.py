@@ -4,6 +4,8 @@ bit-identical shared weights across clusters after optimizer steps. Rank 0 write
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -183,6 +185,24 @@ def same_function_check() -> dict:
     }
 
 
+@contextmanager
+def inputs_to(collective: str) -> Iterator[list[torch.Tensor]]:
+    """The input tensors of every torch.distributed.<collective> call made inside the block."""
+    inputs: list[torch.Tensor] = []
+    original = getattr(dist, collective)
+
+    def record(output: torch.Tensor, input: torch.Tensor, *args: object,
+               **kwargs: object) -> object:
+        inputs.append(input)
+        return original(output, input, *args, **kwargs)
+
+    setattr(dist, collective, record)
+    try:
+        yield inputs
+    finally:
+        setattr(dist, collective, original)
+
+
 def reduce_scatter_check() -> dict:
     """torch.distributed.reduce_scatter_tensor on gloo once foe_train.compat is applied: the
     sum over ranks of each rank's chunk, sent as one all-to-all (gloo's own reduce-scatter
@@ -191,16 +211,11 @@ def reduce_scatter_check() -> dict:
     n, rank = dist.get_world_size(), dist.get_rank()
     x = torch.arange(n * 6, dtype=torch.float32).view(n * 3, 2) * (rank + 1)
     out = torch.empty(3, 2)
-    calls = []
-    all_to_all = dist.all_to_all_single
-    dist.all_to_all_single = lambda *a, **k: calls.append(a[1].shape) or all_to_all(*a, **k)
-    try:
+    with inputs_to("all_to_all_single") as calls:
         dist.reduce_scatter_tensor(out, x)
-    finally:
-        dist.all_to_all_single = all_to_all
     want = x.view(n, 3, 2)[rank] / (rank + 1) * n * (n + 1) / 2
     return {"world": n, "equal": torch.equal(out, want),
-            "all_to_all_inputs": [list(c) for c in calls]}
+            "all_to_all_inputs": [list(c.shape) for c in calls]}
 
 
 def small_all_reduce_check() -> dict:
@@ -213,19 +228,13 @@ def small_all_reduce_check() -> dict:
     small = torch.arange(6, dtype=torch.float32).view(3, 2).t() * (rank + 1)  # not contiguous
     large = torch.full((SMALL_ALL_REDUCE_BYTES // 4 + 1,), float(rank + 1))
     queued = torch.full((4,), float(rank + 1))
-    gathers = []
-    all_gather = dist.all_gather_into_tensor
-    dist.all_gather_into_tensor = lambda *a, **k: gathers.append(a[1].numel()) or all_gather(
-        *a, **k)
-    try:
+    with inputs_to("all_gather_into_tensor") as gathers:
         dist.all_reduce(small)
         dist.all_reduce(large)
         with dist.distributed_c10d._coalescing_manager(dist.group.WORLD):
             dist.all_reduce(queued)
-    finally:
-        dist.all_gather_into_tensor = all_gather
     total = n * (n + 1) / 2
-    return {"world": n, "gathers": gathers,
+    return {"world": n, "gathers": [g.numel() for g in gathers],
             "small_equal": torch.equal(small, torch.arange(6.0).view(3, 2).t() * total),
             "large_equal": bool((large == total).all()),
             "queued_equal": bool((queued == total).all())}
