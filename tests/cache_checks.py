@@ -33,6 +33,7 @@ TINY = {**dist_checks.TINY, "init_method_std": 0.2}
 SEQUENCES, LENGTH, PREFILL = 4, 12, 5
 PROMPT_LENGTHS, NEW_TOKENS = (3, 7, 4, 5, 6), 6
 TOP_P = Sampling(temperature=0.8, top_p=0.9, seed=7)
+SAMPLED_ROWS, SAMPLED_VOCAB = 8, 1024
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,6 +105,30 @@ def generation_check(model: GPTModel, topo: Topology) -> dict:
     }
 
 
+def sampling_check(topo: Topology) -> dict:
+    """``head.sample`` on this rank's vocabulary shard against the same draw from the whole
+    logits (group None), on synthetic logits wider than the model's, for each way it can go:
+    by id (top-p 1), the nucleus among the shards' candidates (peaked logits), and the nucleus
+    among all logits (flat ones, where the candidates cannot hold it). Records the sizes of
+    the all-gathers the split draw made."""
+    group = topo.vocab_group
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    width = SAMPLED_VOCAB // size
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for name, scale, top_p in (("by_id", 4.0, 1.0), ("candidates", 4.0, 0.9),
+                               ("whole", 0.2, 0.99)):
+        full = torch.randn(SAMPLED_ROWS, SAMPLED_VOCAB, generator=gen) * scale
+        uniforms = torch.rand(SAMPLED_ROWS, generator=gen, dtype=torch.float64)
+        with dist_checks.inputs_to("all_gather_into_tensor") as gathered:
+            split = head.sample(full[:, rank * width:(rank + 1) * width], group, uniforms, 0.7,
+                                top_p, SAMPLED_VOCAB - 24)
+        whole = head.sample(full, None, uniforms, 0.7, top_p, SAMPLED_VOCAB - 24)
+        out[name] = {"equal": bool(split.equal(whole)), "distinct": len(set(split.tolist())),
+                     "gathered": [t.numel() for t in gathered]}
+    return out
+
+
 def overlap_check(model: GPTModel, cfg: RecipeConfig, topo: Topology) -> dict:
     """The same weights with every federated sum of a batch of two or more sequences split in
     halves and overlapped (parallel.overlap_min_bytes = 0): cached decoding, the full forward
@@ -151,6 +176,7 @@ def check(kind: str, parallel: dict, mode: str | None) -> dict:
     out["local_batch"] = [r["local_batch"] for r in per_rank]
     if kind == "foe" and mode == "post_attention":
         out["overlap"] = overlap_check(model, cfg, topo)
+        out["sampling"] = _everyone(sampling_check(topo), topo)
     return out
 
 

@@ -15,8 +15,9 @@ import torch
 
 from foe_train.config import ConfigError
 from foe_train.infer.generate import Sampling, choose, main, shard_prompts
+from foe_train.model import head
 from launch.torchrun import torchrun_commands
-from tests.cache_checks import LENGTH, PREFILL, TINY
+from tests.cache_checks import LENGTH, PREFILL, SAMPLED_ROWS, SAMPLED_VOCAB, TINY
 
 LAUNCHES = {
     1: ["--foe", "1,1,1", "--moe", "1"],
@@ -109,6 +110,37 @@ def test_generation_identical_across_topologies(results):
         results["foe:1,4,1"]["post_attention"]["greedy"]
 
 
+def test_split_sampling_draws_what_the_whole_logits_draw(results):
+    """Top-p sampling on the vocabulary shards of C = 1, 2, 4 draws, on every rank, the ids the
+    whole logits draw with the same uniforms, and gathers only the shards' masses (top-p 1),
+    masses and NUCLEUS_CANDIDATES candidates (a peaked nucleus) or, when the candidates
+    cannot hold the nucleus, those and then the logits."""
+    rows, k = SAMPLED_ROWS, head.NUCLEUS_CANDIDATES
+    for name in ("foe:1,1,1", "foe:1,2,2", "foe:2,2,1", "foe:1,4,1"):
+        clusters = int(name.split(",")[1])
+        width = SAMPLED_VOCAB // clusters
+        expected = {"by_id": [2 * rows], "candidates": [(2 + 2 * k) * rows],
+                    "whole": [(2 + 2 * k) * rows, (2 + width) * rows]}
+        for rank in results[name]["post_attention"]["sampling"]:
+            for case, r in rank.items():
+                assert r["equal"] and r["distinct"] > 1, (name, case, r)
+                assert r["gathered"] == (expected[case] if clusters > 1 else []), (name, case)
+
+
+def test_sampling_frequencies_follow_the_nucleus():
+    """Inverse-CDF draws from uniforms: each id as often as its probability within the nucleus
+    (top-p 1: all of them; padding ids never)."""
+    n = 100_000
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(n, -1)
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for top_p, nucleus in ((1.0, 4), (0.85, 3), (0.5, 1)):
+        drawn = torch.bincount(head.sample(logits, None, uniforms, 1.0, top_p, 4), minlength=5)
+        want = probs.clone()
+        want[nucleus:] = 0
+        assert (drawn / n - want / want.sum()).abs().max() < 0.01, (top_p, drawn)
+
+
 def test_top_p_keeps_the_nucleus_and_the_vocabulary():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]])).expand(200, -1).clone()
     gens = [torch.Generator().manual_seed(i) for i in range(200)]
@@ -123,8 +155,9 @@ def test_top_p_keeps_the_nucleus_and_the_vocabulary():
     assert drawn(1.0) == {0, 1, 2}
     assert drawn(1.0, vocab_size=2) == {0, 1}
     assert set(choose(logits, Sampling(), gens, active).tolist()) == {0}
-    inactive = choose(logits, Sampling(1.0, 1.0), gens, torch.zeros(200, dtype=torch.bool))
-    assert set(inactive.tolist()) == {0}
+    before = [g.get_state() for g in gens]
+    choose(logits, Sampling(1.0, 1.0), gens, torch.zeros(200, dtype=torch.bool))
+    assert all(g.get_state().equal(b) for g, b in zip(gens, before, strict=True))
     for bad in ({"top_p": 0.0}, {"top_p": 1.5}, {"temperature": -1.0}):
         with pytest.raises(ConfigError):
             Sampling(**bad)

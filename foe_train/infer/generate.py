@@ -17,8 +17,10 @@ lengths agreed over the job, because all-to-alls and federated sums are collecti
 Sampling: greedy (temperature 0) or top-p at a temperature, each prompt with its own generator
 seeded by (seed, prompt index), so a prompt's text does not depend on its batch-mates. FoE's
 clusters each hold V/C of the logits (the split head): greedy picks the best of the shards'
-best without gathering the logits; top-p gathers them and the federation's first rank
-broadcasts its draw, so every cluster continues with the same token.
+best without gathering the logits, and top-p sampling exchanges a few numbers per shard (its
+mass and likeliest candidates; the logits only when the nucleus is wider than those,
+``head.sample``). Every rank of the federation draws with the same uniform per prompt from
+the same exchanged numbers, so every cluster continues with the same token.
 
 Run ``foe-generate`` (``main``): it starts torchrun itself unless already under it.
 """
@@ -109,34 +111,21 @@ def decode_step(
     return _forward(model, context, tokens.unsqueeze(1))
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs with everything outside the smallest set of mass >= top_p zeroed."""
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep = sorted_p.cumsum(-1) - sorted_p < top_p
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
-
-
 def choose(
     logits: torch.Tensor, sampling: Sampling, generators: list[torch.Generator],
     active: torch.Tensor, group: dist.ProcessGroup | None = None, vocab_size: int | None = None,
 ) -> torch.Tensor:
     """The next token of every sequence ([b]) from this rank's vocabulary shard of the logits,
-    identical on all ranks of the ``group`` the vocabulary is split over (None: not split).
-    Greedy never gathers the logits (each shard offers its best); top-p gathers them. Only
-    ``active`` rows (those past their prompt) draw from their generator; ids at or above
-    ``vocab_size`` (the model's padding of the tokenizer's vocabulary) are never chosen."""
+    identical on all ranks of the ``group`` the vocabulary is split over (None: not split),
+    (``head.greedy``, ``head.sample``). Only ``active`` rows
+    (those past their prompt) draw from their generator; ids at or above ``vocab_size`` (the
+    model's padding of the tokenizer's vocabulary) are never chosen."""
     if sampling.temperature == 0:
         return head.greedy(logits, group, vocab_size)
-    logits = head.gather_logits(logits.float(), group)
-    if vocab_size is not None:
-        logits[:, vocab_size:] = float("-inf")
-    tokens = logits.argmax(-1)
-    probs = _nucleus(torch.softmax(logits / sampling.temperature, -1).cpu(), sampling.top_p)
+    uniforms = torch.zeros(len(generators), dtype=torch.float64)
     for i in active.nonzero().flatten().tolist():
-        tokens[i] = int(torch.multinomial(probs[i], 1, generator=generators[i]))
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.broadcast(tokens, group=group, group_src=0)
-    return tokens
+        uniforms[i] = torch.rand((), generator=generators[i], dtype=torch.float64)
+    return head.sample(logits, group, uniforms, sampling.temperature, sampling.top_p, vocab_size)
 
 
 def shard_prompts(prompts: list[list[int]], topo: Topology) -> list[int]:

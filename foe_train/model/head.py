@@ -221,3 +221,123 @@ def greedy(
     best = values.max(0).values
     ids = ids.masked_fill(values < best, float("inf"))
     return ids.min(0).values.long()
+
+
+NUCLEUS_CANDIDATES = 64
+"""How many of its likeliest tokens a shard offers for top-p sampling in place of its whole
+slice of the vocabulary (when that is smaller: 2 numbers per candidate)."""
+
+
+def sample(
+    logits: torch.Tensor, group: dist.ProcessGroup | None, uniforms: torch.Tensor,
+    temperature: float, top_p: float, vocab_size: int | None = None,
+) -> torch.Tensor:
+    """One id per row, drawn from softmax(logits / temperature) cut to its top-p nucleus, from
+    the vocabulary shards without gathering them; ``uniforms`` ([b] in [0, 1), the same on every
+    rank of the group) are each row's randomness, so the draw is the same on every rank.
+
+    The draw is the inverse of the distribution's cumulative sum at the row's uniform: over the
+    ids in order when top_p is 1 (each shard offers its max and sum of exponentials, and the
+    shard whose mass holds the point names the id: two small collectives), over the nucleus in
+    order of probability otherwise. The nucleus is found among each shard's
+    ``NUCLEUS_CANDIDATES`` likeliest tokens whenever they provably hold it (its last token is
+    likelier than any token left out), else among all (the whole shards gathered). Ids at or
+    above ``vocab_size`` (padding) are never drawn."""
+    start = _vocab_start(logits, group)
+    x = logits.double() / temperature
+    if vocab_size is not None:
+        x = x.masked_fill(
+            torch.arange(start, start + x.shape[-1], device=x.device) >= vocab_size,
+            float("-inf"),
+        )
+    uniforms = uniforms.double().to(x.device)
+    if top_p == 1:
+        return _draw_by_id(x, start, uniforms, group)
+    return _draw_nucleus(x, start, uniforms, top_p, group)
+
+
+def _gathered(rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[shards, *rows.shape]: every shard's ``rows``, in shard order."""
+    if _size(group) == 1:
+        return rows.unsqueeze(0)
+    out = rows.new_empty(_size(group) * rows.numel())
+    dist.all_gather_into_tensor(out, rows.contiguous().view(-1), group=group)
+    return out.view(_size(group), *rows.shape)
+
+
+def _shard_masses(x: torch.Tensor) -> torch.Tensor:
+    """[2, b]: each row's max over this shard (-inf where all is padding) and its sum of
+    exponentials against that max."""
+    top = x.max(-1).values
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.stack([top, torch.exp(x - safe.unsqueeze(-1)).sum(-1)])
+
+
+def _global(masses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From every shard's ``_shard_masses`` ([shards, 2, b]): the row max over the whole
+    vocabulary and each shard's mass against it ([shards, b])."""
+    tops, sums = masses.unbind(1)
+    top = tops.max(0).values
+    return top, sums * torch.exp(tops - top)
+
+
+def _draw_by_id(x: torch.Tensor, start: int, uniforms: torch.Tensor,
+                group: dist.ProcessGroup | None) -> torch.Tensor:
+    top, mass = _global(_gathered(_shard_masses(x), group))
+    target = uniforms * mass.sum(0)
+    below = mass.cumsum(0) - mass
+    shards = torch.arange(mass.shape[0], device=x.device).unsqueeze(-1)
+    owner = torch.where((below <= target) & (mass > 0), shards, -1).max(0).values
+    me = 0 if group is None else dist.get_rank(group)
+    weights = torch.exp(x - top.unsqueeze(-1))
+    cum = weights.cumsum(-1) + below[me].unsqueeze(-1)
+    last = torch.where(weights > 0, torch.arange(x.shape[-1], device=x.device), 0).max(-1).values
+    pick = torch.searchsorted(cum, target.unsqueeze(-1), right=True).squeeze(-1)
+    ids = torch.where(owner == me, start + torch.minimum(pick, last), -1)
+    if _size(group) > 1:
+        dist.all_reduce(ids, op=dist.ReduceOp.MAX, group=group)
+    return ids
+
+
+def _draw_nucleus(x: torch.Tensor, start: int, uniforms: torch.Tensor, top_p: float,
+                  group: dist.ProcessGroup | None) -> torch.Tensor:
+    rows, width = x.shape
+    masses = _shard_masses(x)
+    k = min(NUCLEUS_CANDIDATES, width)
+    if 2 * k < width:
+        values, index = x.topk(k, -1)
+        offers = _gathered(torch.cat([masses.T, values, (index + start).to(x.dtype)], -1), group)
+        values, ids = (part.permute(1, 0, 2).flatten(1) for part in offers[..., 2:].split(k, -1))
+        left_out = offers[..., 1 + k].max(0).values
+        chosen, exact = _nucleus(offers[..., :2].transpose(1, 2), values, ids, uniforms, top_p,
+                                 left_out)
+        if bool(exact.all()):
+            return chosen
+    offers = _gathered(torch.cat([masses.T, x], -1), group)
+    values = offers[..., 2:].permute(1, 0, 2).flatten(1)
+    ids = torch.arange(values.shape[-1], device=x.device, dtype=x.dtype).expand(rows, -1)
+    return _nucleus(offers[..., :2].transpose(1, 2), values, ids, uniforms, top_p, None)[0]
+
+
+def _nucleus(masses: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
+             uniforms: torch.Tensor, top_p: float, left_out: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draw from the offered ``values`` of ``ids`` ([b, n]) given every shard's masses, and
+    per row whether it is exact: nothing was ``left_out`` (None), or the nucleus' last token is
+    likelier than the likeliest one left out (the largest of the shards' last offered values)."""
+    top, mass = _global(masses)
+    total = mass.sum(0).unsqueeze(-1)
+    probs = torch.exp(values - top.unsqueeze(-1)) / total
+    order = ids.argsort(dim=-1)
+    probs, ids = probs.gather(-1, order), ids.gather(-1, order)
+    order = probs.argsort(dim=-1, descending=True, stable=True)
+    probs, ids = probs.gather(-1, order), ids.gather(-1, order)
+    cum = probs.cumsum(-1)
+    last = ((cum - probs) < top_p).sum(-1, keepdim=True) - 1
+    kept = cum.gather(-1, last)
+    pick = torch.searchsorted(cum, uniforms.unsqueeze(-1) * kept, right=True)
+    chosen = ids.gather(-1, torch.minimum(pick, last)).squeeze(-1).long()
+    if left_out is None:
+        return chosen, torch.ones_like(chosen, dtype=torch.bool)
+    bound = torch.exp(left_out - top).unsqueeze(-1) / total
+    return chosen, ((probs.gather(-1, last) > bound) & (kept >= top_p)).squeeze(-1)
