@@ -116,10 +116,10 @@ def choose(
     active: torch.Tensor, group: dist.ProcessGroup | None = None, vocab_size: int | None = None,
 ) -> torch.Tensor:
     """The next token of every sequence ([b]) from this rank's vocabulary shard of the logits,
-    identical on all ranks of the ``group`` the vocabulary is split over (None: not split),
-    (``head.greedy``, ``head.sample``). Only ``active`` rows
-    (those past their prompt) draw from their generator; ids at or above ``vocab_size`` (the
-    model's padding of the tokenizer's vocabulary) are never chosen."""
+    identical on all ranks of the ``group`` the vocabulary is split over (None: not split):
+    ``head.greedy`` at temperature 0, else ``head.sample``. Only ``active`` rows (those past
+    their prompt) draw from their generator; ids at or above ``vocab_size`` (the model's
+    padding of the tokenizer's vocabulary) are never chosen."""
     if sampling.temperature == 0:
         return head.greedy(logits, group, vocab_size)
     uniforms = torch.zeros(len(generators), dtype=torch.float64)

@@ -128,6 +128,24 @@ def _vocab_start(logits: torch.Tensor, group: dist.ProcessGroup | None) -> int:
     return 0 if group is None else logits.shape[-1] * dist.get_rank(group)
 
 
+def _gathered(rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """[shards, *rows.shape]: every shard's ``rows``, in shard order."""
+    if _size(group) == 1:
+        return rows.unsqueeze(0)
+    out = rows.new_empty(_size(group) * rows.numel())
+    dist.all_gather_into_tensor(out, rows.contiguous().view(-1), group=group)
+    return out.view(_size(group), *rows.shape)
+
+
+def _mask_padding(logits: torch.Tensor, start: int, vocab_size: int | None) -> torch.Tensor:
+    """``logits`` of a shard starting at id ``start`` with ids at or above ``vocab_size`` (the
+    model's padding of the tokenizer's vocabulary) set to -inf."""
+    if vocab_size is None:
+        return logits
+    ids = torch.arange(start, start + logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
 class _CrossEntropy(torch.autograd.Function):
     """megatron's vocab-parallel cross entropy with an explicit group (megatron's own function
     reads the global TP group, which FoE does not use), composed of megatron's helpers, and
@@ -151,10 +169,8 @@ class _CrossEntropy(torch.autograd.Function):
         )
         if size > 1:
             raw = (predicted + own_max).masked_fill(target_mask, 0)
-            offer = torch.stack([own_max, sum_exp, raw])
-            offers = offer.new_empty(size * offer.numel())
-            dist.all_gather_into_tensor(offers, offer.view(-1), group=group)
-            maxes, sums, raws = offers.view(size, *offer.shape).unbind(1)
+            offers = _gathered(torch.stack([own_max, sum_exp, raw]), group)
+            maxes, sums, raws = offers.unbind(1)
             logits_max = maxes.max(0).values
             sum_exp = (sums * torch.exp(maxes - logits_max)).sum(0)
             predicted = raws.sum(0) - logits_max
@@ -188,13 +204,9 @@ def cross_entropy(
 
 
 def gather_logits(logits: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Full-vocabulary logits from the shards (for sampling that needs the whole distribution);
+    """Full-vocabulary logits from the shards (to compare a split head with a whole one);
     group None: the logits are not split."""
-    if _size(group) == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(_size(group))]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(tuple(_gathered(logits, group)), dim=-1)
 
 
 def greedy(
@@ -203,21 +215,11 @@ def greedy(
     """argmax over the whole vocabulary without gathering the logits: each shard offers its best
     (value, id) and the first id with the highest value wins, as ``argmax`` would choose.
     Ids at or above ``vocab_size`` (padding of the tokenizer's vocabulary) never win."""
-    logits = logits.float()
     start = _vocab_start(logits, group)
-    if vocab_size is not None:
-        logits = logits.masked_fill(
-            torch.arange(start, start + logits.shape[-1], device=logits.device) >= vocab_size,
-            float("-inf"),
-        )
-    value, index = logits.max(-1)
+    value, index = _mask_padding(logits.float(), start, vocab_size).max(-1)
     if _size(group) == 1:
         return index
-    offers = torch.stack([value, (index + start).to(value.dtype)])
-    everyone = [torch.empty_like(offers) for _ in range(_size(group))]
-    dist.all_gather(everyone, offers, group=group)
-    values = torch.stack([o[0] for o in everyone])
-    ids = torch.stack([o[1] for o in everyone])
+    values, ids = _gathered(torch.stack([value, (index + start).to(value.dtype)]), group).unbind(1)
     best = values.max(0).values
     ids = ids.masked_fill(values < best, float("inf"))
     return ids.min(0).values.long()
@@ -244,25 +246,11 @@ def sample(
     likelier than any token left out), else among all (the whole shards gathered). Ids at or
     above ``vocab_size`` (padding) are never drawn."""
     start = _vocab_start(logits, group)
-    x = logits.double() / temperature
-    if vocab_size is not None:
-        x = x.masked_fill(
-            torch.arange(start, start + x.shape[-1], device=x.device) >= vocab_size,
-            float("-inf"),
-        )
+    x = _mask_padding(logits.double() / temperature, start, vocab_size)
     uniforms = uniforms.double().to(x.device)
     if top_p == 1:
         return _draw_by_id(x, start, uniforms, group)
     return _draw_nucleus(x, start, uniforms, top_p, group)
-
-
-def _gathered(rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """[shards, *rows.shape]: every shard's ``rows``, in shard order."""
-    if _size(group) == 1:
-        return rows.unsqueeze(0)
-    out = rows.new_empty(_size(group) * rows.numel())
-    dist.all_gather_into_tensor(out, rows.contiguous().view(-1), group=group)
-    return out.view(_size(group), *rows.shape)
 
 
 def _shard_masses(x: torch.Tensor) -> torch.Tensor:
