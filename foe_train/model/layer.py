@@ -113,8 +113,10 @@ class FoELayer(TransformerLayer):
     def _term(self, h: torch.Tensor, pending: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
         """This cluster's term of the federated sum that is the next residual:
         m_c + Attn_c(LN1_c(h + m_c)), and on the first member (h + m_c) + Attn_c(...), the
-        attention's input, which already holds the residual: adding it costs nothing there."""
-        stream = h if pending is None else h + pending
+        attention's input, which already holds the residual: adding it costs nothing there.
+        The stream is made contiguous: half a batch (``_overlapped_forward``) is a strided view,
+        which would turn the QKV projection's matmul into a batched one, 1.4x slower on a CPU."""
+        stream = h.contiguous() if pending is None else h + pending
         out = self._attention(stream, kwargs)
         if self.federation.first:
             return out + stream
