@@ -137,9 +137,13 @@ def overlap_check(model: GPTModel, cfg: RecipeConfig, topo: Topology) -> dict:
         **cfg.parallel.model_dump(), "overlap_min_bytes": 0}})
     halved = build_model(cfg.model, build_topology(cfg.model, cfg.parallel), seed=cfg.seed)
     halved.eval()
-    started = []
+    started, contiguous = [], []
     start_sum = Federation.start_sum
     Federation.start_sum = lambda fed, x: started.append(x.shape) or start_sum(fed, x)
+    # a strided half would make the QKV projection a batched matmul (model.layer._term)
+    hooks = [layer.self_attention.linear_qkv.register_forward_pre_hook(
+        lambda module, args: contiguous.append(args[0].is_contiguous()))
+        for layer in halved.decoder.layers]
     try:
         cache = cache_check(halved, topo)
         gen = torch.Generator().manual_seed(2)
@@ -153,12 +157,16 @@ def overlap_check(model: GPTModel, cfg: RecipeConfig, topo: Topology) -> dict:
                        == generate(model, topo, prompts, NEW_TOKENS))
     finally:
         Federation.start_sum = start_sum
+        for hook in hooks:
+            hook.remove()
     per_rank = _everyone({"errors": cache["errors"], "full_rel": full_rel,
-                          "halves": len(started), "same_greedy": same_greedy}, topo)
+                          "halves": len(started), "same_greedy": same_greedy,
+                          "qkv_contiguous": all(contiguous)}, topo)
     return {"max_rel_error": max(max(r["errors"]) for r in per_rank),
             "full_rel": max(r["full_rel"] for r in per_rank),
             "halves_summed": min(r["halves"] for r in per_rank),
-            "same_greedy": all(r["same_greedy"] for r in per_rank)}
+            "same_greedy": all(r["same_greedy"] for r in per_rank),
+            "qkv_inputs_contiguous": all(r["qkv_contiguous"] for r in per_rank)}
 
 
 def check(kind: str, parallel: dict, mode: str | None) -> dict:

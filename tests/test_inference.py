@@ -64,7 +64,8 @@ def test_cached_decoding_matches_full_recompute(results):
 def test_overlapped_halves_compute_what_whole_batches_do(results):
     """parallel.overlap_min_bytes = 0: every layer of a batch of two or more sequences runs on
     two halves, each half's federated sum started on the sending thread; the logits, the
-    cached decoding and greedy generation are those of whole-batch sums."""
+    cached decoding and greedy generation are those of whole-batch sums, and every QKV
+    projection reads a contiguous input (a strided half is a slower batched matmul)."""
     checked = 0
     for name, mode, r in _all(results):
         if name.startswith("foe:") and name != "foe:1,1,1" and mode == "post_attention":
@@ -72,6 +73,7 @@ def test_overlapped_halves_compute_what_whole_batches_do(results):
             assert o["halves_summed"] > 0, name
             assert o["full_rel"] <= 1e-5 and o["max_rel_error"] <= 1e-5, (name, o)
             assert o["same_greedy"], name
+            assert o["qkv_inputs_contiguous"], name
             checked += 1
     assert checked == 3
 
