@@ -161,7 +161,7 @@ def overlap_check(model: GPTModel, cfg: RecipeConfig, topo: Topology) -> dict:
             hook.remove()
     per_rank = _everyone({"errors": cache["errors"], "full_rel": full_rel,
                           "halves": len(started), "same_greedy": same_greedy,
-                          "qkv_contiguous": all(contiguous)}, topo)
+                          "qkv_contiguous": bool(contiguous) and all(contiguous)}, topo)
     return {"max_rel_error": max(max(r["errors"]) for r in per_rank),
             "full_rel": max(r["full_rel"] for r in per_rank),
             "halves_summed": min(r["halves"] for r in per_rank),
