@@ -276,7 +276,7 @@ def _draw_by_id(x: torch.Tensor, start: int, uniforms: torch.Tensor,
     below = mass.cumsum(0) - mass
     shards = torch.arange(mass.shape[0], device=x.device).unsqueeze(-1)
     owner = torch.where((below <= target) & (mass > 0), shards, -1).max(0).values
-    me = 0 if group is None else dist.get_rank(group)
+    me = start // x.shape[-1]  # this shard's index
     weights = torch.exp(x - top.unsqueeze(-1))
     cum = weights.cumsum(-1) + below[me].unsqueeze(-1)
     last = torch.where(weights > 0, torch.arange(x.shape[-1], device=x.device), 0).max(-1).values
